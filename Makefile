@@ -1,0 +1,56 @@
+# mongarsd — one command to install, run, test, check and benchmark.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS ?= models
+STATE ?= .state
+# Build llama.cpp inside llama-cpp-python for this CPU (AVX2/AVX-512 on x86, NEON/dotprod on Arm).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+STAMP := $(VENV)/.installed
+MODELS_STAMP := $(MODELS)/.installed
+
+.PHONY: install run test test-fast check bench native clean distclean test-deps
+
+install: $(STAMP) $(MODELS_STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip wheel setuptools
+	@echo "installing mongarsd and its dependencies (the first build of llama-cpp-python takes several minutes)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[test,dev,bench]'
+	@touch $@
+
+$(MODELS_STAMP): $(STAMP) mongarsd/inference/defaults.py
+	$(PY) -m mongarsd.inference.defaults --models-dir $(MODELS) --cache-dir .cache/models
+	@touch $@
+
+test-deps:
+	@bash scripts/install-test-deps.sh
+
+run: install
+	$(PY) -m mongarsd run --state-dir $(STATE) --models-dir $(MODELS)
+
+test: install test-deps
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q tests/unit
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check mongarsd tests bench
+	$(VENV)/bin/ruff format --check mongarsd tests bench || true
+	$(VENV)/bin/mypy
+
+native: $(STAMP)
+	$(MAKE) -C native PYTHON=$(abspath $(PY))
+
+bench: install native
+	$(PY) -m bench.run --models-dir $(MODELS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache $(STATE)
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(MODELS) .cache native/build native/src native/bin

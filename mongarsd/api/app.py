@@ -1,0 +1,66 @@
+"""The aiohttp application factory and the context handlers read collaborators from."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mongarsd import __version__
+from mongarsd.config import LoadedConfig
+from mongarsd.memory.db import Database
+from mongarsd.api.auth import PRINCIPAL, Principal
+from mongarsd.memory.tokens import TokenStore
+from mongarsd.metrics import Metrics
+
+if TYPE_CHECKING:
+    from mongarsd.board import BoardInfo
+
+
+@dataclass
+class AppContext:
+    """Everything a handler may need; optional parts are None until their issue lands."""
+
+    loaded: LoadedConfig
+    board: BoardInfo
+    metrics: Metrics
+    db: Database
+    tokens: TokenStore
+    services_state: Callable[[], dict[str, str]] = dict
+    llm: Any = None  # inference.manager.InferenceManager
+    embedder: Any = None  # inference.embed.Embedder
+    hippocampus: Any = None
+    pipeline: Any = None
+    mesh: Any = None
+    version: str = __version__
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    inflight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def config(self) -> Any:
+        return self.loaded.config
+
+
+CTX = web.AppKey("mongarsd_ctx", AppContext)
+__all__ = ["CTX", "PRINCIPAL", "AppContext", "Principal", "create_app"]
+
+
+def create_app(ctx: AppContext, route_setups: list[Callable[[web.Application], None]] | None = None) -> web.Application:
+    """Build the app: middlewares in order, then every surface's routes."""
+    from mongarsd.api import admin, ops
+    from mongarsd.api.middlewares import build_middlewares
+
+    cfg = ctx.loaded.config
+    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=build_middlewares(ctx), handler_args={"max_field_size": 16384})
+    app[CTX] = ctx
+    ops.setup_routes(app)
+    admin.setup_routes(app)
+    for setup in route_setups or []:
+        setup(app)
+    return app

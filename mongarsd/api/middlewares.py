@@ -1,0 +1,192 @@
+"""Middlewares: request ids, metrics and error envelopes; CORS; auth and rate limits."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from mongarsd.api.auth import LOCAL_ADMIN_USER, PRINCIPAL, Principal, check_role, is_loopback, required_role
+from mongarsd.api.errors import error_response
+from mongarsd.errors import (
+    AuthError,
+    EmbedderUnavailableError,
+    InferenceError,
+    MeshError,
+    ModelError,
+    NotFoundError,
+    OverloadedError,
+    StoreError,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from mongarsd.api.app import AppContext
+
+log = structlog.get_logger("mongarsd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RATE_BUCKETS_MAX = 10_000
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class TokenBuckets:
+    """Per-key token buckets with bounded memory (least recently used keys evicted)."""
+
+    def __init__(self, rate_per_s: float, burst: int, max_keys: int = RATE_BUCKETS_MAX) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take one token; return 0 when allowed, else the seconds to wait."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    route = info.route if info else None
+    resource = route.resource if route else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+    cfg = ctx.loaded.config
+    buckets = TokenBuckets(cfg.auth.rate_limit_rps, cfg.auth.rate_limit_burst)
+    allowed_origins = set(cfg.server.cors_origins)
+
+    @web.middleware
+    async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get(REQUEST_ID_HEADER, "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+            rid = secrets.token_hex(8)
+        request["request_id"] = rid
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        t0 = time.monotonic()
+        ctx.inflight += 1
+        ctx.drained.clear()
+        status = 500
+        try:
+            resp = await _translate(request, handler)
+            status = resp.status
+            if not resp.prepared:
+                resp.headers[REQUEST_ID_HEADER] = rid
+            return resp
+        finally:
+            ctx.inflight -= 1
+            if ctx.inflight == 0:
+                ctx.drained.set()
+            route = _route_label(request)
+            ctx.metrics.http_requests.labels(route, request.method, str(status)).inc()
+            ctx.metrics.http_latency.labels(route).observe(time.monotonic() - t0)
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _translate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = exc.reason
+            if exc.status == 404:
+                message = f"no route {request.method} {request.path}"
+            elif exc.status == 405:
+                message = f"method {request.method} is not allowed on {request.path}"
+            elif exc.status == 413:
+                message = f"request body too large (limit {cfg.server.max_body_bytes} bytes)"
+            return error_response(request, exc.status, message, headers=_passthrough_headers(exc))
+        except ValidationError as err:
+            return error_response(request, err.status, str(err), param=err.param)
+        except AuthError as err:
+            headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+            return error_response(request, err.status, str(err), headers=headers)
+        except NotFoundError as err:
+            return error_response(request, 404, str(err), param=err.param)
+        except OverloadedError as err:
+            retry = str(max(1, math.ceil(err.retry_after_s)))
+            return error_response(request, err.status, str(err), headers={"Retry-After": retry})
+        except ModelError as err:
+            return error_response(request, 404 if "unknown model" in str(err) else 422, str(err), param="model")
+        except EmbedderUnavailableError as err:
+            return error_response(request, 503, str(err), headers={"Retry-After": "5"})
+        except (InferenceError, MeshError, StoreError) as err:
+            log.error("request_failed", path=request.path, error=str(err))
+            return error_response(request, 503, f"{type(err).__name__}: {err}", headers={"Retry-After": "2"})
+        except ConnectionResetError:
+            raise  # the client went away; nothing to answer
+        except Exception as err:  # last resort: log with the request id, never leak a trace
+            log.error("unhandled_error", path=request.path, error=repr(err), exc_info=True)
+            return error_response(request, 500, f"internal error (request id {request['request_id']})")
+
+    @web.middleware
+    async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and (origin in allowed_origins or "*" in allowed_origins)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if not allowed:
+                return error_response(request, 403, "cross-origin requests are not allowed (server.cors_origins)")
+            resp: web.StreamResponse = web.Response(status=204)
+        else:
+            resp = await handler(request)
+        if allowed and origin is not None and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, OPTIONS"
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route if request.match_info else None
+        needed = required_role(route.handler) if route is not None and request.match_info.http_exception is None else "public"
+        principal = await _authenticate(request)
+        if principal is not None:
+            request[PRINCIPAL] = principal
+        if needed == "public":
+            return await handler(request)
+        if principal is None:
+            raise AuthError("authentication required: send Authorization: Bearer <token> (create one with `mongarsd token create`)")
+        check_role(principal, needed)
+        wait = buckets.take(principal.rate_key) if not principal.loopback or principal.token_id else 0.0
+        if wait > 0:
+            raise OverloadedError(f"rate limit exceeded for this token ({cfg.auth.rate_limit_rps:g} requests/s)", retry_after_s=wait)
+        return await handler(request)
+
+    async def _authenticate(request: web.Request) -> Principal | None:
+        header = request.headers.get("Authorization")
+        loopback = is_loopback(request.remote)
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
+            info = await ctx.tokens.async_verify(token.strip())
+            if info is None:
+                raise AuthError("invalid or revoked token")
+            return Principal(user=info.user, role=info.role, token_id=info.id, loopback=loopback)
+        if loopback and cfg.auth.loopback_trusted:
+            return Principal(user=LOCAL_ADMIN_USER, role="admin", token_id=None, loopback=True)
+        return None
+
+    return [envelope_middleware, cors_middleware, auth_middleware]
+
+
+def _passthrough_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}

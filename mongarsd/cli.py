@@ -1,0 +1,196 @@
+"""Command line: `mongarsd run|config|token|model|keys|peers|chat|version`; returns exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from mongarsd import __version__
+from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from mongarsd.errors import ConfigError, MongarsError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, server: bool = False) -> None:
+    p.add_argument("--config", type=Path, help="config file (default /etc/mongarsd/mongarsd.toml when present)")
+    p.add_argument("--state-dir", type=Path, help="state directory (database, keys, lock)")
+    p.add_argument("--models-dir", type=Path, help="directory holding model files")
+    p.add_argument("--profile", help="board profile to use instead of the detected one")
+    if server:
+        p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="HTTP port (default 8642)")
+        p.add_argument("--log-format", choices=("auto", "json", "console"), help="log format")
+        p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Detect the board and load the layered config the way `run` would."""
+    from mongarsd.board import detect_board
+    from mongarsd.config import load_config
+
+    board = detect_board()
+    profile = getattr(args, "profile", None) or os.environ.get("MONGARSD_PROFILE") or board.profile
+    cli: dict[str, dict[str, Any]] = {
+        "server": {
+            "host": getattr(args, "host", None),
+            "port": getattr(args, "port", None),
+            "state_dir": getattr(args, "state_dir", None),
+            "models_dir": getattr(args, "models_dir", None),
+        },
+        "log": {"format": getattr(args, "log_format", None), "level": getattr(args, "log_level", None)},
+    }
+    loaded = load_config(profile=profile, config_path=getattr(args, "config", None), cli=cli)
+    return loaded, board
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mongarsd.daemon import Daemon
+    from mongarsd.log import configure_logging
+
+    loaded, board = load_from_args(args)
+    configure_logging(loaded.config.log.format, loaded.config.log.level)
+    daemon = Daemon(loaded=loaded, board=board, reload_config=lambda: load_from_args(args)[0])
+    return asyncio.run(daemon.async_run())
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    loaded, board = load_from_args(args)
+    rows = [(key, str(value) if isinstance(value, Path) else value, source) for key, value, source in loaded.rows()]
+    if args.json:
+        print(json.dumps({"profile": loaded.profile, "board": board.model, "values": {k: {"value": v, "source": s} for k, v, s in rows}}, indent=2, default=str))
+        return EXIT_OK
+    print(f"# board: {board.model} -> profile {loaded.profile}")
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, source in rows:
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value) if isinstance(value, (bool, str)) else value
+        print(f"{key:<{width}} = {shown}    # {source}")
+    return EXIT_OK
+
+
+def with_store(fn: Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]) -> Handler:
+    """Run `fn(db, args)` against the state dir's database (the daemon may be running)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from mongarsd.daemon import DB_FILE
+        from mongarsd.memory.db import Database
+
+        loaded, _ = load_from_args(args)
+
+        async def main() -> int:
+            db = Database(path=loaded.config.server.state_dir / DB_FILE)
+            await db.async_start()
+            try:
+                return await fn(db, args)
+            finally:
+                await db.async_stop()
+
+        return asyncio.run(main())
+
+    return run
+
+
+async def _token_create(db: Any, args: argparse.Namespace) -> int:
+    from mongarsd.memory.tokens import TokenStore
+
+    secret, info = await TokenStore(db=db).async_create(args.user, args.role, args.label or "")
+    print(secret)
+    print(f"# token {info.id} for user {info.user} ({info.role}); shown once, store it safely", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _token_list(db: Any, args: argparse.Namespace) -> int:
+    from mongarsd.memory.tokens import TokenStore
+
+    infos = await TokenStore(db=db).async_list(args.user)
+    if args.json:
+        print(json.dumps([i.public() for i in infos], indent=2))
+        return EXIT_OK
+    print(f"{'ID':<12}  {'USER':<20}  {'ROLE':<5}  {'STATE':<7}  LABEL")
+    for i in infos:
+        print(f"{i.id:<12}  {i.user:<20}  {i.role:<5}  {'revoked' if i.revoked_at else 'live':<7}  {i.label}")
+    return EXIT_OK
+
+
+async def _token_revoke(db: Any, args: argparse.Namespace) -> int:
+    from mongarsd.memory.tokens import TokenStore
+
+    info = await TokenStore(db=db).async_revoke(args.id)
+    print(f"revoked token {info.id} of user {info.user}")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"mongarsd {__version__}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mongarsd", description="Private AI daemon for small boards.")
+    parser.add_argument("--version", action="version", version=f"mongarsd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _add_config_args(p, server=True)
+    p.set_defaults(func=cmd_run)
+
+    cfg = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="action", metavar="ACTION")
+    cfg.required = True
+    p = cfg.add_parser("show", help="print effective values and where each came from")
+    _add_config_args(p, server=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_show)
+
+    tok = sub.add_parser("token", help="manage API tokens").add_subparsers(dest="action", metavar="ACTION")
+    tok.required = True
+    p = tok.add_parser("create", help="create a token (printed once)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--role", choices=("admin", "user", "peer"), default="user")
+    p.add_argument("--label", default="")
+    _add_config_args(p)
+    p.set_defaults(func=with_store(_token_create))
+    p = tok.add_parser("list", help="list tokens (never their secrets)")
+    p.add_argument("--user")
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+    p.set_defaults(func=with_store(_token_list))
+    p = tok.add_parser("revoke", help="revoke a token by id")
+    p.add_argument("id")
+    _add_config_args(p)
+    p.set_defaults(func=with_store(_token_revoke))
+
+    for register in _domain_registrars():
+        register(sub, _add_config_args)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def _domain_registrars() -> list[Callable[..., None]]:
+    """Subcommands owned by domain packages (models, keys, peers, chat)."""
+    registrars: list[Callable[..., None]] = []
+    return registrars
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as err:
+        print(f"mongarsd: configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except MongarsError as err:
+        print(f"mongarsd: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

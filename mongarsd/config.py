@@ -1,0 +1,390 @@
+"""Typed, frozen configuration merged from layered sources with provenance.
+
+Layers, lowest first: built-in defaults -> board profile (configs/boards/<profile>.toml)
+-> config file (/etc/mongarsd/mongarsd.toml or --config) -> MONGARSD_<SECTION>__<KEY>
+environment variables -> command-line flags. Every value remembers which layer set it so
+`mongarsd config show` can say where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from mongarsd.const import DEFAULT_CONFIG_PATH, DEFAULT_GOSSIP_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, ENV_PREFIX
+from mongarsd.errors import ConfigError
+
+PROFILE_NAMES = ("pi4", "pi5", "jetson-orin-nano", "jetson-agx-orin", "x86-i7", "generic")
+
+
+def default_state_dir() -> Path:
+    """Return the state directory systemd gave us, else a per-user one."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mongarsd"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_HTTP_PORT
+    state_dir: Path = field(default_factory=default_state_dir)
+    models_dir: Path = Path("")  # empty: <state_dir>/models
+    drain_timeout_s: float = 10.0
+    max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()
+
+    @property
+    def effective_models_dir(self) -> Path:
+        return self.models_dir if str(self.models_dir) not in ("", ".") else self.state_dir / "models"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    loopback_trusted: bool = True
+    rate_limit_rps: float = 20.0
+    rate_limit_burst: int = 40
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    default_model: str = "smollm2-135m-instruct:q4_1"
+    threads: int = 0
+    threads_batch: int = 0
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    slots: int = 4
+    queue_depth: int = 16
+    kv_cache_type: str = "f16"
+    flash_attn: bool = False
+    use_mmap: bool = True
+    use_mlock: bool = False
+    gpu_layers: int = 0
+    keep_alive_s: float = 300.0
+    memory_budget_mb: int = 0
+    max_tokens_default: int = 256
+    preload: bool = True
+    max_prompt_chars: int = 200_000
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = "all-minilm-l6-v2"
+    variant: str = "int8"
+    threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    batch_size: int = 32
+    idle_unload_s: float = 600.0
+    cache_entries: int = 4096
+    preload: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    recall_k: int = 5
+    history_turns: int = 8
+    purge_interval_s: float = 600.0
+    default_ttl_days: int = 0
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    enabled: bool = False
+    bind_host: str = "0.0.0.0"
+    gossip_port: int = DEFAULT_GOSSIP_PORT
+    advertise_host: str = ""
+    interfaces: tuple[str, ...] = ()
+    skip_virtual_interfaces: bool = True
+    seeds: tuple[str, ...] = ()
+    cluster_label: str = "mongars"
+    timing: str = "lan"
+    mdns: bool = True
+    hop_limit: int = 2
+
+
+@dataclass(frozen=True)
+class MaintenanceConfig:
+    enabled: bool = True
+    idle_after_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+
+
+SECTIONS: dict[str, type[Any]] = dict(typing.get_type_hints(Config))
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _port(v: Any) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a TCP/UDP port between 1 and 65535"
+
+
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else "must be one of " + ", ".join(allowed)
+
+    return check
+
+
+# Per-key checks beyond the type; each returns an error phrase or None.
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "server.port": _port,
+    "server.drain_timeout_s": _non_negative,
+    "server.max_body_bytes": _positive,
+    "auth.rate_limit_rps": _positive,
+    "auth.rate_limit_burst": _positive,
+    "log.format": _choice("auto", "json", "console"),
+    "log.level": _choice("debug", "info", "warning", "error"),
+    "inference.threads": _non_negative,
+    "inference.threads_batch": _non_negative,
+    "inference.n_ctx": lambda v: None if 128 <= v <= 1 << 20 else "must be between 128 and 1048576",
+    "inference.n_batch": _positive,
+    "inference.n_ubatch": _positive,
+    "inference.slots": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
+    "inference.queue_depth": _non_negative,
+    "inference.kv_cache_type": _choice("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+    "inference.gpu_layers": lambda v: None if v >= -1 else "must be >= -1 (-1 = all)",
+    "inference.keep_alive_s": lambda v: None if v >= -1 else "must be >= -1 (-1 = forever)",
+    "inference.memory_budget_mb": _non_negative,
+    "inference.max_tokens_default": _positive,
+    "inference.max_prompt_chars": _positive,
+    "embed.variant": _choice("int8", "fp32"),
+    "embed.threads": _positive,
+    "embed.batch_size": lambda v: None if 1 <= v <= 1024 else "must be between 1 and 1024",
+    "embed.idle_unload_s": _non_negative,
+    "embed.cache_entries": _non_negative,
+    "memory.recall_k": lambda v: None if 0 <= v <= 100 else "must be between 0 and 100",
+    "memory.history_turns": lambda v: None if 0 <= v <= 200 else "must be between 0 and 200",
+    "memory.purge_interval_s": _positive,
+    "memory.default_ttl_days": _non_negative,
+    "mesh.gossip_port": _port,
+    "mesh.timing": _choice("lan", "local"),
+    "mesh.hop_limit": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
+    "maintenance.idle_after_s": _non_negative,
+}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The effective config plus where each key came from."""
+
+    config: Config
+    sources: dict[str, str]
+    profile: str
+
+    def rows(self) -> Iterable[tuple[str, Any, str]]:
+        """Yield (dotted key, value, source) for every key, in declaration order."""
+        for section in dataclasses.fields(Config):
+            obj = getattr(self.config, section.name)
+            for f in dataclasses.fields(obj):
+                key = f"{section.name}.{f.name}"
+                yield key, getattr(obj, f.name), self.sources.get(key, "default")
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
+    """Turn a raw TOML/env/CLI value into the field's type or raise ConfigError."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} from {source}: {why}")
+
+    origin = typing.get_origin(typ)
+    if origin in (Union, types.UnionType):
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("expected a boolean (true/false)")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("expected an integer, got a boolean")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip(), 0)
+            except ValueError:
+                raise bad("expected an integer") from None
+        raise bad("expected an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("expected a number, got a boolean")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("expected a number") from None
+        raise bad("expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise bad("expected a string")
+    if typ is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value).expanduser()
+        raise bad("expected a path string")
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise bad("expected a JSON list or comma-separated strings") from None
+            else:
+                value = [p.strip() for p in text.split(",") if p.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise bad("expected a list of strings")
+    raise bad(f"unsupported type {typ}")  # pragma: no cover - schema error
+
+
+def _apply_layer(
+    merged: dict[str, dict[str, Any]],
+    sources: dict[str, str],
+    layer: Mapping[str, Any],
+    source: str,
+) -> None:
+    """Validate and merge one layer of {section: {key: value}} into `merged`."""
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"{source}: expected a table of sections")
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}] in {source}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}] in {source} must be a table of keys")
+        types_ = _field_types(SECTIONS[section])
+        for key, raw in values.items():
+            dotted = f"{section}.{key}"
+            if key not in types_:
+                raise ConfigError(f"unknown key {dotted} in {source}; known keys of [{section}]: {', '.join(types_)}")
+            value = _coerce(dotted, raw, types_[key], source)
+            if (rule := RULES.get(dotted)) and (why := rule(value)):
+                raise ConfigError(f"{dotted} = {raw!r} from {source}: {why}")
+            merged.setdefault(section, {})[key] = value
+            sources[dotted] = source
+
+
+def read_toml(path: Path, source: str) -> dict[str, Any]:
+    """Read a TOML file or raise ConfigError naming the file and the problem."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied reading {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: invalid TOML in {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: {path} is not UTF-8: {err}") from None
+
+
+def env_layer(env: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Pick MONGARSD_<SECTION>__<KEY> variables; return the layer and each key's variable name."""
+    layer: dict[str, dict[str, str]] = {}
+    names: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in ("MONGARSD_CONFIG", "MONGARSD_PROFILES_DIR"):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest:
+            raise ConfigError(f"environment variable {name}: expected MONGARSD_<SECTION>__<KEY>")
+        section, key = rest.split("__", 1)
+        layer.setdefault(section.lower(), {})[key.lower()] = value
+        names[f"{section.lower()}.{key.lower()}"] = name
+    return layer, names
+
+
+def profiles_dir() -> Path:
+    """Find configs/boards: env override, the source checkout, then the installed share dir."""
+    if env := os.environ.get("MONGARSD_PROFILES_DIR"):
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent / "configs" / "boards"
+    if here.is_dir():
+        return here
+    return Path(sys.prefix) / "share" / "mongarsd" / "configs" / "boards"
+
+
+def load_config(
+    *,
+    profile: str = "generic",
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Mapping[str, Any]] | None = None,
+    profiles: Path | None = None,
+) -> LoadedConfig:
+    """Merge every layer into a frozen Config; raise ConfigError naming key, value, source."""
+    env = os.environ if env is None else env
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+
+    if profile not in PROFILE_NAMES:
+        raise ConfigError(f"unknown board profile {profile!r}; known: {', '.join(PROFILE_NAMES)}")
+    prof_path = (profiles or profiles_dir()) / f"{profile}.toml"
+    if prof_path.is_file():
+        _apply_layer(merged, sources, read_toml(prof_path, f"board profile {profile}"), f"board:{profile}")
+
+    explicit = config_path is not None or "MONGARSD_CONFIG" in env
+    path = config_path or Path(env.get("MONGARSD_CONFIG", DEFAULT_CONFIG_PATH))
+    if explicit or path.is_file():
+        _apply_layer(merged, sources, read_toml(path, f"config file {path}"), f"file:{path}")
+
+    layer, names = env_layer(env)
+    for section, values in layer.items():
+        for key, value in values.items():
+            _apply_layer(merged, sources, {section: {key: value}}, f"env:{names[f'{section}.{key}']}")
+
+    for section, values in (cli or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                _apply_layer(merged, sources, {section: {key: value}}, f"cli:--{key.replace('_', '-')}")
+
+    built = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
+    return LoadedConfig(config=Config(**built), sources=sources, profile=profile)

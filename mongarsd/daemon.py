@@ -1,0 +1,283 @@
+"""Composition root: build every service from the config, run them, stop them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from aiohttp import web
+
+from mongarsd.api.app import AppContext, create_app
+from mongarsd.board import BoardInfo
+from mongarsd.config import LoadedConfig
+from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, LOOP_LAG_INTERVAL_S
+from mongarsd.errors import ConfigError, MongarsError
+from mongarsd.memory.db import Database
+from mongarsd.memory.tokens import TokenStore
+from mongarsd.metrics import Metrics
+from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor
+from mongarsd.systemd import Notifier
+
+log = structlog.get_logger("mongarsd.daemon")
+
+DB_FILE = "mongarsd.db"
+LOCK_FILE = "mongarsd.lock"
+
+
+class InstanceLock:
+    """An exclusive flock on the state dir: one daemon per state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise MongarsError naming the holder (blocking but instantaneous)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise MongarsError(f"another mongarsd (pid {holder}) is already running with state dir {self.path.parent}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BindGuard:
+    """Refuse to expose the API beyond loopback while no token exists."""
+
+    name = "bind-guard"
+    start_timeout_s = 10.0
+    stop_timeout_s = 1.0
+
+    def __init__(self, *, host: str, tokens: TokenStore, state_dir: Path) -> None:
+        self._host = host
+        self._tokens = tokens
+        self._state_dir = state_dir
+
+    async def async_start(self) -> None:
+        if is_loopback_host(self._host) or await self._tokens.async_count_live() > 0:
+            return
+        raise ConfigError(
+            f"refusing to listen on {self._host}: no API token exists yet, so anyone on the network would be admin-less "
+            f"and locked out. Create one first: mongarsd token create --user admin --role admin --state-dir {self._state_dir} "
+            "(or listen on 127.0.0.1)"
+        )
+
+    async def async_stop(self) -> None:
+        return None
+
+
+class HttpService:
+    """The aiohttp server; stopping it drains in-flight requests up to the drain timeout."""
+
+    name = "api"
+    start_timeout_s = 10.0
+
+    def __init__(self, *, app: web.Application, host: str, port: int, drain_timeout_s: float) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._drain_timeout_s = drain_timeout_s
+        self.stop_timeout_s = drain_timeout_s + 5.0
+        self._runner: web.AppRunner | None = None
+        self.bound: list[tuple[str, int]] = []
+
+    async def async_start(self) -> None:
+        runner = web.AppRunner(self._app, shutdown_timeout=self._drain_timeout_s, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise MongarsError(f"cannot listen on {self._host}:{self._port}: {err.strerror or err}") from err
+        self._runner = runner
+        server = site._server  # aiohttp keeps the asyncio server here; read the real bound ports
+        if server is not None and hasattr(server, "sockets"):
+            self.bound = [s.getsockname()[:2] for s in server.sockets]
+        log.info("http_listening", host=self._host, port=self._port, bound=self.bound)
+
+    async def async_stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+
+class _Callback:
+    """Adapt a pair of coroutines to the service shape (for small parts of the composition)."""
+
+    def __init__(self, name: str, start: Callable[[], Any], stop: Callable[[], Any], start_timeout_s: float = 10.0, stop_timeout_s: float = 10.0) -> None:
+        self.name = name
+        self._start = start
+        self._stop = stop
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+
+    async def async_start(self) -> None:
+        await self._start()
+
+    async def async_stop(self) -> None:
+        await self._stop()
+
+
+class Daemon:
+    """Own one run of mongarsd: services, signals, readiness, watchdog."""
+
+    def __init__(self, *, loaded: LoadedConfig, board: BoardInfo, reload_config: Callable[[], LoadedConfig] | None = None, notifier: Notifier | None = None) -> None:
+        self.loaded = loaded
+        self.board = board
+        self._reload_config = reload_config
+        self.notifier = notifier or Notifier()
+        self._stop = asyncio.Event()
+        self._reload = False
+        self._signals = 0
+        self._exit_code = EXIT_OK
+        self.ctx: AppContext | None = None
+        self.http: HttpService | None = None
+
+    def request_stop(self, exit_code: int = EXIT_OK) -> None:
+        self._exit_code = exit_code
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("signal_received_draining", signal=signal.Signals(signum).name)
+        self.request_stop(EXIT_OK)
+
+    def _on_hup(self) -> None:
+        log.info("sighup_restarting")
+        self._reload = True
+        self._stop.set()
+
+    async def async_run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        lock = InstanceLock(self.loaded.config.server.state_dir)
+        try:
+            lock.acquire()
+            while True:
+                code = await self._async_run_once()
+                if not self._reload or code != EXIT_OK:
+                    return code
+                self._reload = False
+                self._stop.clear()
+                self.notifier.reloading()
+                if self._reload_config is not None:
+                    try:
+                        self.loaded = self._reload_config()
+                    except ConfigError as err:
+                        log.error("reload_config_invalid_keeping_old", error=str(err))
+        except MongarsError as err:
+            log.error("daemon_failed", error=str(err))
+            return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILURE
+        finally:
+            lock.release()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def build_services(self, metrics: Metrics, stack: ServiceStack) -> tuple[list[Service], AppContext]:
+        """Wire every service with the collaborators it uses, in start order."""
+        cfg = self.loaded.config
+        db = Database(path=cfg.server.state_dir / DB_FILE)
+        tokens = TokenStore(db=db)
+        ctx = AppContext(loaded=self.loaded, board=self.board, metrics=metrics, db=db, tokens=tokens, services_state=lambda: dict(stack.state))
+        services: list[Service] = [db, BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir)]
+        route_setups: list[Callable[[web.Application], None]] = []
+        services += self._core_services(ctx, route_setups)
+        app = create_app(ctx, route_setups)
+        self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
+        services.append(self.http)
+        services += self._edge_services(ctx)
+        return services, ctx
+
+    def _core_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
+        """Inference, memory and cognition: started after the store, before the API."""
+        return []
+
+    def _edge_services(self, ctx: AppContext) -> list[Service]:
+        """Mesh advertisement and idle-time work: started once the API listens."""
+        return []
+
+    async def _async_run_once(self) -> int:
+        cfg = self.loaded.config
+        metrics = Metrics()
+        stack = ServiceStack(on_change=lambda name, up: metrics.service_up.labels(name).set(1 if up else 0))
+        tasks = TaskSupervisor(on_fatal=lambda name, err: self.request_stop(EXIT_FAILURE))
+        services, ctx = self.build_services(metrics, stack)
+        self.ctx = ctx
+        t0 = time.monotonic()
+        log.info("daemon_starting", host=cfg.server.host, port=cfg.server.port, profile=self.loaded.profile, board=self.board.model, state_dir=str(cfg.server.state_dir))
+        tasks.spawn("loop-lag", lambda: self._async_measure_lag(metrics))
+        try:
+            await stack.async_start(services, notify=self.notifier.status)
+        except StartError as err:
+            await tasks.async_stop()
+            cause = err.__cause__
+            log.error("daemon_start_failed", error=str(cause or err))
+            return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_FAILURE
+        ctx.ready = True
+        metrics.ready.set(1)
+        if self.notifier.watchdog_interval_s:
+            interval = self.notifier.watchdog_interval_s
+            tasks.spawn("watchdog", lambda: self._async_watchdog(interval))
+        self.notifier.ready(f"serving on {cfg.server.host}:{cfg.server.port}")
+        log.info("daemon_ready", elapsed_ms=round((time.monotonic() - t0) * 1000, 1), services=stack.started)
+        await self._stop.wait()
+
+        ctx.ready = False
+        metrics.ready.set(0)
+        self.notifier.stopping()
+        log.info("daemon_stopping", inflight=ctx.inflight, drain_timeout_s=cfg.server.drain_timeout_s)
+        errors = await stack.async_stop()
+        await tasks.async_stop()
+        if errors:
+            log.error("daemon_stop_errors", errors=errors)
+        log.info("daemon_stopped", exit_code=self._exit_code)
+        return self._exit_code
+
+    async def _async_measure_lag(self, metrics: Metrics) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LOOP_LAG_INTERVAL_S)
+            metrics.observe_loop_lag(max(0.0, loop.time() - t0 - LOOP_LAG_INTERVAL_S))
+
+    async def _async_watchdog(self, interval_s: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval_s)

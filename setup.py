@@ -1,0 +1,57 @@
+"""Packaging for mongarsd."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = next(
+    line.split('"')[1] for line in (ROOT / "mongarsd" / "__init__.py").read_text().splitlines() if line.startswith("__version__")
+)
+
+setup(
+    name="mongarsd",
+    version=VERSION,
+    description="Private AI daemon for small boards: local LLM, memory, encrypted LAN mesh",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mongarsd", "mongarsd.*"]),
+    data_files=[("share/mongarsd/configs/boards", [str(p) for p in sorted((ROOT / "configs" / "boards").glob("*.toml"))])],
+    install_requires=[
+        # native/ builds llama.cpp's tools from exactly this version's vendored source
+        "llama-cpp-python==0.3.36",
+        "onnxruntime>=1.18",
+        "onnx>=1.16",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "aiosqlite>=0.20",
+        "aiohttp>=3.9.4",
+        "psutil>=5.9",
+        "pynacl>=1.5",
+        "zeroconf>=0.132",
+        "msgpack>=1.0",
+        "structlog>=24.1",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-asyncio>=0.23",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "openai>=1.40",
+            "ollama>=0.3",
+        ],
+        "dev": ["ruff>=0.6", "mypy>=1.11"],
+        "bench": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["mongarsd=mongarsd.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Framework :: AsyncIO",
+    ],
+)
