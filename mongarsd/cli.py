@@ -183,6 +183,10 @@ def _domain_registrars() -> list[Callable[..., None]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mongarsd.log import configure_logging
+
+    # Commands print their results on stdout; logs go to stderr, quietly, unless `run` says otherwise.
+    configure_logging("console", "warning", stream=sys.stderr)
     try:
         code: int = args.func(args)
         return code

@@ -63,7 +63,7 @@ class TokenBuckets:
 
 def _route_label(request: web.Request) -> str:
     info = request.match_info
-    route = info.route if info else None
+    route = info.route if info is not None else None
     resource = route.resource if route else None
     return resource.canonical if resource is not None else "unmatched"
 
@@ -155,7 +155,7 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route if request.match_info else None
+        route = request.match_info.route if request.match_info is not None else None
         needed = required_role(route.handler) if route is not None and request.match_info.http_exception is None else "public"
         principal = await _authenticate(request)
         if principal is not None:
