@@ -361,7 +361,7 @@ def load_config(
     profiles: Path | None = None,
 ) -> LoadedConfig:
     """Merge every layer into a frozen Config; raise ConfigError naming key, value, source."""
-    env = os.environ if env is None else env
+    env = dict(os.environ) if env is None else env
     merged: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
 
@@ -381,10 +381,10 @@ def load_config(
         for key, value in values.items():
             _apply_layer(merged, sources, {section: {key: value}}, f"env:{names[f'{section}.{key}']}")
 
-    for section, values in (cli or {}).items():
-        for key, value in values.items():
+    for cli_section, cli_values in (cli or {}).items():
+        for key, value in cli_values.items():
             if value is not None:
-                _apply_layer(merged, sources, {section: {key: value}}, f"cli:--{key.replace('_', '-')}")
+                _apply_layer(merged, sources, {cli_section: {key: value}}, f"cli:--{key.replace('_', '-')}")
 
     built = {name: SECTIONS[name](**merged.get(name, {})) for name in SECTIONS}
     return LoadedConfig(config=Config(**built), sources=sources, profile=profile)

@@ -23,16 +23,16 @@ class _SourceCollector:
         self._sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for source in list(self._sources):
             for name, kind, help_, value, labels in source():
                 fam = families.get(name)
                 if fam is None:
-                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    cls: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                     fam = cls(name.removesuffix("_total") if kind == "counter" else name, help_, labels=list(labels))
                     families[name] = fam
                 fam.add_metric(list(labels.values()), value)
-        yield from families.values()
+        yield from families.values()  # type: ignore[misc]
 
     def describe(self) -> list[Metric]:
         return []
@@ -43,7 +43,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self.registry)
+        ProcessCollector(registry=self.registry)  # type: ignore[no-untyped-call]
         self.http_requests = Counter(
             "mongarsd_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=self.registry
         )
@@ -72,7 +72,10 @@ class Metrics:
         if not self._lags:
             return {"samples": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
         data = sorted(self._lags)
-        pick = lambda q: round(data[min(len(data) - 1, int(q * len(data)))] * 1000, 3)  # noqa: E731
+
+        def pick(q: float) -> float:
+            return round(data[min(len(data) - 1, int(q * len(data)))] * 1000, 3)
+
         return {"samples": len(data), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": round(data[-1] * 1000, 3)}
 
     def render(self) -> bytes:

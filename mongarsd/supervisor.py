@@ -139,7 +139,7 @@ class TaskSupervisor:
         for t in tasks:
             t.cancel()
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             if pending:
                 log.error("tasks_did_not_stop", tasks=[t.get_name() for t in pending])
         self._tasks.clear()

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mongarsd import __version__
+from mongarsd.api.auth import PRINCIPAL, Principal
 from mongarsd.config import LoadedConfig
 from mongarsd.memory.db import Database
-from mongarsd.api.auth import PRINCIPAL, Principal
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
 

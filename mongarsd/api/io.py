@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,7 +63,7 @@ def get_number(
         raise ValidationError(f"'{key}' must be a number, got {type(value).__name__}", param=key)
     if integer and not (isinstance(value, int) or float(value).is_integer()):
         raise ValidationError(f"'{key}' must be an integer", param=key)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValidationError(f"'{key}' must be a finite number", param=key)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValidationError(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)

@@ -36,6 +36,78 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     ) STRICT;
     """,
+    # 2: conversations, memories (+ FTS5), profiles, feedback (owner: hippocampus)
+    """
+    CREATE TABLE sessions (
+        user        TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        PRIMARY KEY (user, id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX sessions_user_updated ON sessions(user, updated_at);
+    CREATE TABLE messages (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        user        TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        role        TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content     TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL,
+        model       TEXT,
+        tokens      INTEGER,
+        FOREIGN KEY (user, session_id) REFERENCES sessions(user, id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE INDEX messages_user_session ON messages(user, session_id, id);
+    CREATE INDEX messages_user ON messages(user, id);
+    CREATE INDEX messages_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+    CREATE TABLE memories (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user         TEXT NOT NULL,
+        text         TEXT NOT NULL,
+        embedding    BLOB,
+        embed_model  TEXT,
+        importance   REAL NOT NULL DEFAULT 0.5,
+        kind         TEXT NOT NULL DEFAULT 'fact',
+        source       TEXT NOT NULL DEFAULT 'user',
+        provenance   TEXT,
+        session_id   TEXT,
+        message_id   INTEGER,
+        created_at   REAL NOT NULL,
+        expires_at   REAL
+    ) STRICT;
+    CREATE INDEX memories_user ON memories(user, id);
+    CREATE INDEX memories_expiry ON memories(expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX memories_unembedded ON memories(id) WHERE embedding IS NULL;
+    CREATE VIRTUAL TABLE memories_fts USING fts5(
+        text, content='memories', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
+    );
+    CREATE TRIGGER memories_ai AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER memories_ad AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    END;
+    CREATE TRIGGER memories_au AFTER UPDATE OF text ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TABLE profiles (
+        user         TEXT PRIMARY KEY,
+        mimicry      TEXT NOT NULL DEFAULT '{}',
+        personality  TEXT NOT NULL DEFAULT '{}',
+        updated_at   REAL NOT NULL
+    ) STRICT;
+    CREATE TABLE feedback (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        user        TEXT NOT NULL,
+        message_id  INTEGER,
+        rating      INTEGER NOT NULL CHECK (rating BETWEEN -1 AND 1),
+        comment     TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX feedback_user ON feedback(user, id);
+    """,
 ]
 
 
