@@ -1,0 +1,262 @@
+"""The llama.cpp engine with the real default model: streaming, batching, cache, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from mongarsd.errors import ContextOverflowError, InferenceError, OverloadedError, ValidationError
+from mongarsd.inference.llm import LlamaEngine, TokenEvent
+from mongarsd.inference.sampling import GenerationParams
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
+SLOTS = 4
+QUEUE_DEPTH = 2
+
+pytestmark = [
+    pytest.mark.skipif(not MODEL.exists(), reason="default model not installed"),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+
+def make_engine(**kw: object) -> LlamaEngine:
+    args: dict[str, object] = {
+        "model_path": MODEL,
+        "n_ctx": 1024,
+        "n_batch": 256,
+        "n_ubatch": 256,
+        "threads": 2,
+        "slots": SLOTS,
+        "queue_depth": QUEUE_DEPTH,
+    }
+    args.update(kw)
+    return LlamaEngine(**args)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine() -> AsyncIterator[LlamaEngine]:
+    eng = make_engine()
+    await eng.async_start()
+    yield eng
+    await eng.async_stop()
+    assert eng._thread is None
+    assert not eng.loaded
+
+
+async def collect(eng: LlamaEngine, tokens: list[int], params: GenerationParams, **kw: str) -> tuple[str, TokenEvent]:
+    parts: list[str] = []
+    async for ev in eng.async_generate(tokens, params, **kw):
+        parts.append(ev.text)
+        if ev.final:
+            return "".join(parts), ev
+    raise AssertionError("stream ended without a final event")
+
+
+def story(eng: LlamaEngine) -> list[int]:
+    return eng.tokenize_chat([{"role": "user", "content": "Write a long story about a cat who travels the world."}])
+
+
+async def test_chat_template_is_smollm2s(engine: LlamaEngine) -> None:
+    text = engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|im_start|>system\n")
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    tokens = engine.tokenize_chat([{"role": "user", "content": "hi"}])
+    im_start = engine.tokenize("<|im_start|>", add_special=False, parse_special=True)
+    assert len(im_start) == 1  # parsed as the special token, not as text
+    assert tokens.count(im_start[0]) == 3
+    assert engine.detokenize(engine.tokenize("Hello world", add_special=False)) == "Hello world"
+
+
+async def test_greedy_and_seeded_generation_are_deterministic(engine: LlamaEngine) -> None:
+    tokens = story(engine)
+    greedy = GenerationParams(max_tokens=24, temperature=0)
+    a, ev_a = await collect(engine, tokens, greedy)
+    b, _ = await collect(engine, tokens, greedy)
+    assert a == b and a.strip()
+    assert ev_a.finish_reason == "length" and ev_a.completion_tokens == 24
+    seeded = GenerationParams(max_tokens=24, temperature=1.0, seed=1234)
+    c, _ = await collect(engine, tokens, seeded)
+    d, _ = await collect(engine, tokens, seeded)
+    assert c == d
+
+
+async def test_streaming_events_and_usage(engine: LlamaEngine) -> None:
+    tokens = story(engine)
+    events = [ev async for ev in engine.async_generate(tokens, GenerationParams(max_tokens=16, temperature=0))]
+    assert len(events) >= 5
+    assert all(not ev.final and ev.token >= 0 for ev in events[:-1])
+    final = events[-1]
+    assert final.final and final.token == -1
+    assert final.prompt_tokens == len(tokens)
+    assert final.completion_tokens == 16
+    assert final.timings is not None and final.timings.predicted_ms > 0
+    assert "".join(ev.text for ev in events).strip()
+
+
+async def test_stop_sequence_ends_generation_without_the_stop_text(engine: LlamaEngine) -> None:
+    tokens = story(engine)
+    full, _ = await collect(engine, tokens, GenerationParams(max_tokens=40, temperature=0))
+    words = full.split()
+    assert len(words) > 6
+    stop = " " + words[5]
+    cut = full[: full.index(stop)]
+    text, ev = await collect(engine, tokens, GenerationParams(max_tokens=40, temperature=0, stop=(stop,)))
+    assert ev.finish_reason == "stop"
+    assert text == cut
+    assert stop not in text
+
+
+async def test_eos_finishes_with_stop(engine: LlamaEngine) -> None:
+    tokens = engine.tokenize_chat([{"role": "user", "content": "Say just the word yes."}])
+    text, ev = await collect(engine, tokens, GenerationParams(max_tokens=60, temperature=0))
+    assert ev.finish_reason == "stop"
+    assert ev.completion_tokens < 60
+    assert "<|im_end|>" not in text
+
+
+async def test_four_concurrent_generations_complete(engine: LlamaEngine) -> None:
+    tokens = story(engine)
+    n_tokens = 48
+
+    async def run(seed: int) -> TokenEvent:
+        return (await collect(engine, tokens, GenerationParams(max_tokens=n_tokens, seed=seed, temperature=0.9)))[1]
+
+    t0 = time.perf_counter()
+    single = await run(99)
+    t_single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(run(i) for i in range(SLOTS)))
+    t_four = time.perf_counter() - t0
+    for ev in results:
+        assert ev.completion_tokens > 0
+        assert ev.finish_reason in ("length", "stop")
+    produced = sum(ev.completion_tokens for ev in results)
+    print(
+        "\nsingle stream: "
+        + str(round(single.completion_tokens / t_single, 1))
+        + " t/s; "
+        + str(SLOTS)
+        + " streams: "
+        + str(round(produced / t_four, 1))
+        + " t/s aggregate"
+    )
+    stats = engine.stats()
+    assert stats.n_busy_slots_total > stats.n_decode_total  # some decodes carried several slots
+
+
+async def test_overload_cancellation_and_deferred_admission(engine: LlamaEngine) -> None:
+    tokens = engine.tokenize("Once upon a time, in a small village by the sea,", add_special=True)
+    params = GenerationParams(max_tokens=300, temperature=0.7, seed=1)
+    streams = [engine.async_generate(tokens, params) for _ in range(SLOTS)]
+    for s in streams:
+        first = await anext(s)
+        assert not first.final
+    assert engine.stats().slots_busy == SLOTS
+    # queue up to queue_depth more; they are deferred, not refused
+    waiting = [engine.async_generate(tokens, params) for _ in range(QUEUE_DEPTH)]
+    waiting_tasks = [asyncio.ensure_future(anext(w)) for w in waiting]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in waiting_tasks)
+    assert engine.stats().requests_deferred == QUEUE_DEPTH
+    with pytest.raises(OverloadedError) as info:
+        await anext(engine.async_generate(tokens, params))
+    assert info.value.retry_after_s >= 1.0
+    # cancelling one running stream admits the first waiting request right away
+    await streams[0].aclose()
+    first_waiting = await asyncio.wait_for(waiting_tasks[0], timeout=10)
+    assert not first_waiting.final
+    waiting_tasks[1].cancel()  # a consumer task cancelled while its request waits
+    await asyncio.gather(waiting_tasks[1], return_exceptions=True)
+    for s in [*streams[1:], *waiting]:
+        await s.aclose()
+    # every slot is free again within a step
+    deadline = time.monotonic() + 5
+    while engine.stats().slots_busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    stats = engine.stats()
+    assert stats.slots_busy == 0 and stats.requests_deferred == 0
+    assert stats.requests_rejected >= 1
+
+
+async def test_context_overflow_and_validation(engine: LlamaEngine) -> None:
+    too_long = [engine.tokenize("x", add_special=False)[0]] * (engine.n_ctx_per_slot - 10)
+    with pytest.raises(ContextOverflowError) as info:
+        await anext(engine.async_generate(too_long, GenerationParams(max_tokens=64)))
+    assert str(engine.n_ctx_per_slot - 10) in str(info.value) and "64" in str(info.value)
+    with pytest.raises(ValidationError) as vinfo:
+        await anext(engine.async_generate([1, 2], GenerationParams(temperature=3.0)))
+    assert vinfo.value.param == "temperature"
+    with pytest.raises(ValidationError) as vinfo:
+        await anext(engine.async_generate([engine.n_vocab + 5], GenerationParams()))
+    assert vinfo.value.param == "prompt"
+    with pytest.raises(ValidationError) as vinfo:
+        await anext(engine.async_generate([1], GenerationParams(grammar="root ::= ((")))
+    assert vinfo.value.param == "grammar"
+
+
+async def test_json_schema_output_parses(engine: LlamaEngine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"},
+            "likes_cats": {"type": "boolean"},
+        },
+        "required": ["name", "age", "likes_cats"],
+    }
+    tokens = engine.tokenize_chat([{"role": "user", "content": "Describe a person named Ana, 31, who loves cats, as JSON."}])
+    text, ev = await collect(engine, tokens, GenerationParams(max_tokens=80, temperature=0, json_schema=schema))
+    assert ev.finish_reason == "stop", text
+    data = json.loads(text)
+    assert set(data) == {"name", "age", "likes_cats"}
+    assert isinstance(data["name"], str) and len(data["name"]) <= 20
+    assert isinstance(data["age"], int) and isinstance(data["likes_cats"], bool)
+    # generic JSON mode: the tiny model may ramble past max_tokens, but only in JSON
+    text, ev = await collect(engine, tokens, GenerationParams(max_tokens=40, temperature=0, json_mode=True))
+    assert text.startswith("{"), text
+    if ev.finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+async def test_prefix_cache_reuses_the_conversation(engine: LlamaEngine) -> None:
+    history = [
+        {"role": "system", "content": "You are a careful assistant. " * 20},
+        {"role": "user", "content": "Tell me about the sea. " * 10},
+    ]
+    first_prompt = engine.tokenize_chat(history)
+    reply, ev1 = await collect(engine, first_prompt, GenerationParams(max_tokens=16, temperature=0), cache_key="conv-1")
+    # an unrelated request in between must not steal the conversation's slot
+    await collect(engine, story(engine), GenerationParams(max_tokens=4, temperature=0), cache_key="conv-2")
+    follow = engine.tokenize_chat([*history, {"role": "assistant", "content": reply}, {"role": "user", "content": "And the sky?"}])
+    _, ev2 = await collect(engine, follow, GenerationParams(max_tokens=8, temperature=0), cache_key="conv-1")
+    assert ev1.cached_tokens == 0 or ev1.cached_tokens < len(first_prompt) // 2
+    assert ev2.cached_tokens >= len(first_prompt) - 1
+    assert ev2.timings is not None and ev2.timings.prompt_n == len(follow) - ev2.cached_tokens
+    assert ev2.timings.prompt_n < len(follow) // 2
+    assert engine.stats().cached_tokens_total >= ev2.cached_tokens
+
+
+async def test_stop_while_streaming_fails_consumers_and_joins() -> None:
+    eng = make_engine(slots=2, warmup=False)
+    await eng.async_start()
+    try:
+        tokens = eng.tokenize("Once upon a time", add_special=True)
+        stream = eng.async_generate(tokens, GenerationParams(max_tokens=500, temperature=0.8, seed=3))
+        assert not (await anext(stream)).final
+        stop_task = asyncio.ensure_future(eng.async_stop())
+        with pytest.raises(InferenceError, match="stopped"):
+            async for _ in stream:
+                pass
+        await stop_task
+        assert eng._thread is None and not eng.loaded
+        with pytest.raises(OverloadedError):
+            await anext(eng.async_generate(tokens, GenerationParams()))
+    finally:
+        await eng.async_stop()
