@@ -1,0 +1,164 @@
+"""Cluster keyring: one primary key that encrypts, secondary keys that still decrypt.
+
+Rotation is Serf style: `install` a new key everywhere, `use` it everywhere, then `remove` the
+old one. Removing the primary key is refused. Keys are persisted as base64 in a 0600 JSON file
+with an atomic write. A key id is the first 4 bytes of BLAKE2b(key): it selects the key on
+receive and is safe to publish (mDNS TXT `ck`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from nacl.encoding import RawEncoder
+from nacl.hash import blake2b
+
+from mongarsd.errors import MeshError
+from mongarsd.mesh import const
+
+
+class KeyringError(MeshError):
+    """A keyring operation is invalid or its file is unreadable."""
+
+
+def key_id(key: bytes) -> bytes:
+    """Return the 4-byte id of a cluster key (first bytes of its BLAKE2b digest)."""
+    return blake2b(key, digest_size=32, encoder=RawEncoder)[: const.KEY_ID_BYTES]
+
+
+def generate_key() -> bytes:
+    """Return a fresh random 32-byte cluster key."""
+    return secrets.token_bytes(const.KEY_BYTES)
+
+
+def decode_key(text: str) -> bytes:
+    """Decode a base64 cluster key, checking its length."""
+    try:
+        key = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as err:
+        raise KeyringError("key is not valid base64") from err
+    if len(key) != const.KEY_BYTES:
+        raise KeyringError(f"key must be {const.KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+def encode_key(key: bytes) -> str:
+    """Encode a cluster key as base64 text."""
+    return base64.b64encode(key).decode("ascii")
+
+
+def _check(key: bytes) -> bytes:
+    if not isinstance(key, bytes) or len(key) != const.KEY_BYTES:
+        raise KeyringError(f"key must be {const.KEY_BYTES} bytes")
+    return key
+
+
+def atomic_write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically with mode 0600 (blocking; run in a thread)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Keyring:
+    """The set of cluster keys; the primary one encrypts, every one decrypts."""
+
+    def __init__(self, primary: bytes, secondaries: tuple[bytes, ...] = ()) -> None:
+        self._primary = _check(primary)
+        self._keys: dict[bytes, bytes] = {key_id(self._primary): self._primary}
+        for key in secondaries:
+            self._keys[key_id(_check(key))] = key
+
+    @property
+    def primary_key(self) -> bytes:
+        return self._primary
+
+    @property
+    def primary_key_id(self) -> bytes:
+        return key_id(self._primary)
+
+    def keys(self) -> list[bytes]:
+        """Return all keys, primary first."""
+        return [self._primary] + [k for k in self._keys.values() if k != self._primary]
+
+    def lookup(self, kid: bytes) -> bytes | None:
+        """Return the key with this id, if installed."""
+        return self._keys.get(kid)
+
+    def install(self, key: bytes) -> None:
+        """Add a key that decrypts (and may later become primary)."""
+        self._keys[key_id(_check(key))] = key
+
+    def use(self, key: bytes) -> None:
+        """Make an installed key the primary (encrypting) key."""
+        kid = key_id(_check(key))
+        if self._keys.get(kid) != key:
+            raise KeyringError("key is not installed")
+        self._primary = key
+
+    def remove(self, key: bytes) -> None:
+        """Remove a secondary key; removing the primary key is refused."""
+        kid = key_id(_check(key))
+        if key == self._primary:
+            raise KeyringError("refusing to remove the primary key; use another key first")
+        if kid not in self._keys:
+            raise KeyringError("key is not installed")
+        del self._keys[kid]
+
+    def to_json(self) -> bytes:
+        """Serialise the keyring (primary first)."""
+        doc = {"primary": encode_key(self._primary), "keys": [encode_key(k) for k in self.keys()]}
+        return json.dumps(doc, indent=2).encode("utf-8") + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Keyring:
+        """Parse a keyring file's bytes."""
+        try:
+            doc = json.loads(data)
+            primary = decode_key(doc["primary"])
+            keys = tuple(decode_key(k) for k in doc.get("keys", []))
+        except (ValueError, KeyError, TypeError) as err:
+            raise KeyringError("keyring file is invalid") from err
+        return cls(primary, tuple(k for k in keys if k != primary))
+
+    def save(self, path: Path) -> None:
+        """Persist the keyring to a 0600 file atomically (blocking; run in a thread)."""
+        atomic_write_private(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        """Load a keyring file (blocking; run in a thread)."""
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise KeyringError(f"cannot read keyring {path}: {err.strerror}") from err
+        return cls.from_json(data)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Keyring:
+        """Load the keyring, or create one with a fresh primary key (blocking; run in a thread)."""
+        if path.exists():
+            return cls.load(path)
+        ring = cls(generate_key())
+        ring.save(path)
+        return ring
