@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -254,7 +255,12 @@ async def test_two_instances_discover_each_other_on_loopback(unique: str) -> Non
             assert props == other_ck
             assert props.cluster_key_id == "01020304"
             assert rb.found[a_id][1].cluster_key_id == "deadbeef"
-            assert set(a.peers()) == {b_id}
+            assert b_id in a.peers()
+            assert a_id not in a.peers()
+            # Key rotation: a new primary key id is re-announced and reported again.
+            rotated = dataclasses.replace(other_ck, cluster_key_id="0a0b0c0d")
+            await b.async_update_props(rotated)
+            await wait_for(lambda: ra.found[b_id][1].cluster_key_id == "0a0b0c0d")
         finally:
             await b.async_stop()
         # b's goodbye packets make a report it lost.
@@ -262,3 +268,43 @@ async def test_two_instances_discover_each_other_on_loopback(unique: str) -> Non
         assert b_id not in a.peers()
     finally:
         await a.async_stop()
+
+
+async def test_hostile_announcements_are_rejected_not_reported(unique: str) -> None:
+    """A raw zeroconf responder announces bad TXT values; discovery counts and drops them."""
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    rec = Recorder()
+    me = Discovery(node_id=f"{unique}-me", props=PROPS, interfaces=[LO], on_found=rec.on_found)
+    evil = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    bad = {
+        f"{unique}-port": good_txt(id=f"{unique}-port", gossip="99999"),
+        f"{unique}-lie": good_txt(id="someone-else"),
+        f"{unique}-ck": good_txt(id=f"{unique}-ck", ck="not-hex!"),
+    }
+    good_id = f"{unique}-good"
+    try:
+        await me.async_start()
+        infos = [
+            AsyncServiceInfo(
+                disc.SERVICE_TYPE,
+                instance_name(node_id),
+                port=8643,
+                properties=txt,
+                server=f"evil-{node_id}.local.",
+                parsed_addresses=["127.0.0.1"],
+            )
+            for node_id, txt in [*bad.items(), (good_id, good_txt(id=good_id))]
+        ]
+        announced = await asyncio.gather(*(evil.async_register_service(i) for i in infos))
+        await asyncio.gather(*announced)
+        await wait_for(lambda: good_id in rec.found)
+        await wait_for(lambda: sum(v for k, v in me.stats.items() if k.startswith("rejected_")) >= len(bad))
+        assert not set(bad) & set(rec.found)
+        assert me.stats["rejected_bad_port"] >= 1
+        assert me.stats["rejected_id_mismatch"] >= 1
+        assert me.stats["rejected_bad_value"] >= 1
+    finally:
+        await me.async_stop()
+        await evil.async_close()
