@@ -317,6 +317,8 @@ class GossipNode:
         self._leaving = False
         self._incarnation += 1
         self._set_local_record()
+        # Pin our own key so a replayed leave of ours from a past life is verified, then refuted.
+        self._verifier.check_record(self._members[self.node_id].record)
         for name, coro in (
             ("probe", self._async_probe_loop()),
             ("gossip", self._async_gossip_loop()),

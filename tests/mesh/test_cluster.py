@@ -159,3 +159,36 @@ async def test_state_updates_propagate_to_all() -> None:
         assert ev.kind is EventKind.UPDATE and ev.member.meta["tokens_per_s"] == 12.5
     finally:
         await cluster.stop()
+
+
+async def test_restarted_node_with_same_identity_comes_back_after_leave() -> None:
+    import random
+
+    from mongarsd.mesh.gossip import GossipNode
+    from mongarsd.mesh.keyring import Keyring
+
+    cluster = await start_cluster(4, seed=13)
+    try:
+        await wait_until(cluster.converged, timeout_s=5.0)
+        old = cluster.nodes[3]
+        await old.async_stop()
+        others = cluster.nodes[:3]
+        await wait_until(lambda: all(cluster.state_of(o, old) == "left" for o in others), timeout_s=2.0)
+        left_inc = max(m.incarnation for o in others if (m := o.member(old.node_id)) is not None)
+        # a new process: same identity and address, incarnation starts again from scratch
+        new = GossipNode(
+            identity=old.identity,
+            keyring=Keyring(cluster.key),
+            transport=cluster.net.transport(old.addr[0], old.addr[1]),
+            cluster_label=cluster.label,
+            timing=LOCAL,
+            rng=random.Random(99),
+        )
+        cluster.nodes[3] = new
+        await new.async_start()
+        assert new.incarnation <= left_inc
+        assert await new.async_join([others[0].addr]) == 1
+        await wait_until(lambda: all(cluster.state_of(o, new) == "alive" for o in others), timeout_s=3.0)
+        assert new.incarnation > left_inc
+    finally:
+        await cluster.stop()
