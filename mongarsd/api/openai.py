@@ -1,0 +1,458 @@
+"""OpenAI surface: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from mongarsd.api.app import CTX, AppContext
+from mongarsd.api.io import get_bool, get_str, json_response, read_json
+from mongarsd.api.streaming import (
+    DisconnectGuard,
+    GenInfo,
+    SamplingSpec,
+    StreamWriter,
+    async_chat_events,
+    async_collect,
+    async_first,
+    is_persona,
+    normalize_messages,
+    opt_int,
+    opt_number,
+    parse_seed,
+    parse_stop,
+)
+from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, ValidationError
+from mongarsd.inference.llm import Timings, TokenEvent
+from mongarsd.inference.manager import PERSONA_MODEL_ID
+
+OPENAI_MAX_STOP = 4
+MAX_MODEL_NAME_CHARS = 256
+OWNER = "mongarsd"
+EMBED_MODEL_ALIASES = ("all-minilm-l6-v2", "all-minilm", "sentence-transformers/all-minilm-l6-v2")
+
+
+# ----------------------------------------------------------------------------------------
+# Pure request parsing
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """A parsed chat or completion request."""
+
+    model: str
+    messages: list[dict[str, str]]
+    prompt: str | None
+    spec: SamplingSpec
+    stream: bool
+    include_usage: bool
+
+
+def _reject_if(body: Mapping[str, Any], key: str, ok: Callable[[Any], bool], why: str) -> None:
+    if key in body and body[key] is not None and not ok(body[key]):
+        raise ValidationError("'" + key + "' " + why, param=key)
+
+
+def parse_sampling(body: Mapping[str, Any]) -> SamplingSpec:
+    """Read OpenAI sampling fields (plus llama-server's top_k, min_p, repeat_penalty) (pure)."""
+    max_tokens = opt_int(body, "max_completion_tokens", lo=1)
+    if max_tokens is None:
+        max_tokens = opt_int(body, "max_tokens", lo=1)
+    _reject_if(body, "n", lambda v: v == 1, "must be 1: this server returns one choice per request")
+    _reject_if(body, "best_of", lambda v: v == 1, "must be 1: this server returns one choice per request")
+    _reject_if(body, "logprobs", lambda v: v is False or v == 0, "is not supported by this server")
+    _reject_if(body, "top_logprobs", lambda v: v == 0, "is not supported by this server")
+    _reject_if(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "is not supported by this server")
+    _reject_if(body, "tools", lambda v: isinstance(v, list) and not v, "are not supported by this server's models (no tool calling)")
+    _reject_if(body, "functions", lambda v: isinstance(v, list) and not v, "are not supported by this server's models (no tool calling)")
+    _reject_if(body, "audio", lambda v: False, "output is not supported by this server")
+    _reject_if(body, "modalities", lambda v: v == ["text"], 'must be ["text"]: only text output is supported')
+    json_mode, schema = parse_response_format(body.get("response_format"))
+    return SamplingSpec(
+        max_tokens=max_tokens,
+        temperature=opt_number(body, "temperature", lo=0.0, hi=2.0),
+        top_p=opt_number(body, "top_p", lo=0.0, hi=1.0),
+        top_k=opt_int(body, "top_k", lo=0, hi=1_000_000),
+        min_p=opt_number(body, "min_p", lo=0.0, hi=1.0),
+        repeat_penalty=opt_number(body, "repeat_penalty", lo=0.01, hi=10.0),
+        presence_penalty=opt_number(body, "presence_penalty", lo=-2.0, hi=2.0),
+        frequency_penalty=opt_number(body, "frequency_penalty", lo=-2.0, hi=2.0),
+        seed=parse_seed(body),
+        stop=parse_stop(body.get("stop"), max_items=OPENAI_MAX_STOP),
+        json_mode=json_mode,
+        json_schema=schema,
+    )
+
+
+def parse_response_format(value: object) -> tuple[bool, Mapping[str, Any] | None]:
+    """Return (json_mode, json_schema) for an OpenAI response_format (pure)."""
+    if value is None:
+        return False, None
+    if not isinstance(value, dict):
+        raise ValidationError('\'response_format\' must be an object like {"type": "json_object"}', param="response_format")
+    kind = value.get("type")
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValidationError("'response_format.json_schema' must be an object with a 'schema'", param="response_format.json_schema")
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise ValidationError(
+                "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format.json_schema.schema"
+            )
+        return False, schema
+    raise ValidationError(
+        "'response_format.type' must be text, json_object or json_schema, got " + repr(str(kind)[:40]), param="response_format.type"
+    )
+
+
+def _parse_common(body: Mapping[str, Any]) -> tuple[str, bool, bool]:
+    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
+    assert model is not None
+    stream = get_bool(body, "stream", default=False)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ValidationError("'stream_options' must be an object", param="stream_options")
+        include_usage = get_bool(options, "include_usage", default=False)
+    return model, stream, include_usage
+
+
+def parse_chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
+    """Validate a /v1/chat/completions body (pure)."""
+    model, stream, include_usage = _parse_common(body)
+    messages = normalize_messages(body.get("messages"))
+    return OpenAIRequest(model, messages, None, parse_sampling(body), stream, include_usage)
+
+
+def parse_completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
+    """Validate a /v1/completions body: one prompt string (pure)."""
+    model, stream, include_usage = _parse_common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValidationError("'prompt' must be a string (one prompt per request)", param="prompt")
+    if not prompt:
+        raise ValidationError("'prompt' must not be empty", param="prompt")
+    if "\x00" in prompt:
+        raise ValidationError("'prompt' must not contain NUL characters", param="prompt")
+    _reject_if(body, "echo", lambda v: v is False, "is not supported by this server")
+    _reject_if(body, "suffix", lambda v: v == "", "(fill-in-the-middle) is not supported by this server")
+    return OpenAIRequest(model, [], prompt, parse_sampling(body), stream, include_usage)
+
+
+# ----------------------------------------------------------------------------------------
+# Response shapes (pure)
+
+
+def usage_of(final: TokenEvent) -> dict[str, Any]:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
+    }
+
+
+def timings_of(t: Timings | None) -> dict[str, Any] | None:
+    """llama-server's `timings` block (an extension clients ignore)."""
+    if t is None:
+        return None
+    return {
+        "prompt_n": t.prompt_n,
+        "prompt_ms": round(t.prompt_ms, 3),
+        "prompt_per_second": round(t.prompt_per_second, 3),
+        "predicted_n": t.predicted_n,
+        "predicted_ms": round(t.predicted_ms, 3),
+        "predicted_per_second": round(t.predicted_per_second, 3),
+    }
+
+
+def finish_reason_of(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+# ----------------------------------------------------------------------------------------
+# Handlers
+
+
+async def _async_forwarded(
+    ctx: AppContext, request: web.Request, body: dict[str, Any], model: str, stream: bool
+) -> web.StreamResponse | None:
+    if ctx.mesh is None:
+        return None
+    resp: web.StreamResponse | None = await ctx.mesh.async_maybe_forward(request, body, model=model, stream=stream)
+    return resp
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    req = parse_chat_request(body)
+    return await _async_generate(request, body, req, chat=True)
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    req = parse_completion_request(body)
+    return await _async_generate(request, body, req, chat=False)
+
+
+async def _async_generate(request: web.Request, body: dict[str, Any], req: OpenAIRequest, *, chat: bool) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    forwarded = await _async_forwarded(ctx, request, body, req.model, req.stream)
+    if forwarded is not None:
+        return forwarded
+    info = GenInfo(model=req.model)
+    events = async_chat_events(
+        request,
+        model=req.model,
+        messages=req.messages,
+        spec=req.spec,
+        keep_alive_s=None,
+        info=info,
+        stream=req.stream,
+        raw_prompt=req.prompt,
+    )
+    prefix = "chatcmpl-" if chat else "cmpl-"
+    rid = prefix + secrets.token_hex(12)
+    created = int(time.time())
+    guard = DisconnectGuard(request)
+    try:
+        async with guard:
+            first = await async_first(events)
+            if not req.stream:
+                text, final = await async_collect(first, events)
+                return json_response(_full_response(rid, created, info.model, text, final, chat=chat))
+            return await _async_stream(
+                request, rid=rid, created=created, info=info, first=first, events=events, chat=chat, include_usage=req.include_usage
+            )
+        return guard.response
+    finally:
+        await events.aclose()
+
+
+def _full_response(rid: str, created: int, model: str, text: str, final: TokenEvent, *, chat: bool) -> dict[str, Any]:
+    reason = finish_reason_of(final.finish_reason)
+    choice: dict[str, Any]
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage_of(final),
+        "system_fingerprint": "mongarsd",
+        "timings": timings_of(final.timings),
+    }
+
+
+async def _async_stream(
+    request: web.Request,
+    *,
+    rid: str,
+    created: int,
+    info: GenInfo,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
+    chat: bool,
+    include_usage: bool,
+) -> web.StreamResponse:
+    writer = StreamWriter(request, "sse")
+    await writer.async_prepare()
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, reason: str | None, *, role: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any]
+        if chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        out: dict[str, Any] = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": info.model,
+            "system_fingerprint": "mongarsd",
+            "choices": [choice],
+        }
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    if chat:
+        await writer.async_send(chunk("", None, role=True))
+    event = first
+    try:
+        while True:
+            if event.finish_reason is not None:
+                if event.text:
+                    await writer.async_send(chunk(event.text, None))
+                last = chunk(None if chat else "", finish_reason_of(event.finish_reason))
+                last["timings"] = timings_of(event.timings)
+                await writer.async_send(last)
+                if include_usage:
+                    await writer.async_send(
+                        {
+                            "id": rid,
+                            "object": obj,
+                            "created": created,
+                            "model": info.model,
+                            "system_fingerprint": "mongarsd",
+                            "choices": [],
+                            "usage": usage_of(event),
+                        }
+                    )
+                break
+            if event.text:
+                await writer.async_send(chunk(event.text, None))
+            event = await events.__anext__()
+    except MongarsError as err:  # failed after the headers went out: say so in the stream
+        status = getattr(err, "status", 500)
+        await writer.async_send(
+            {
+                "error": {
+                    "message": str(err),
+                    "type": "server_error" if status >= 500 else "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
+    return await writer.async_done()
+
+
+# ----------------------------------------------------------------------------------------
+# Embeddings
+
+
+def embed_model_matches(name: str, model_id: str) -> bool:
+    """Say whether a client's model name means the embedding model (pure)."""
+    n = name.strip().lower()
+    if n.endswith(":latest"):
+        n = n[: -len(":latest")]
+    return n == model_id.lower() or n in EMBED_MODEL_ALIASES
+
+
+def parse_embed_input(value: object, *, param: str = "input") -> list[str]:
+    """Read embedding input: a string or a non-empty list of strings (pure)."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValidationError("'" + param + "' must be a string or a list of strings, got " + type(value).__name__, param=param)
+    if not items:
+        raise ValidationError("'" + param + "' must not be empty", param=param)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            what = "token ids are not supported; send text" if isinstance(item, int | list) else "must be a string"
+            raise ValidationError("'" + param + "[" + str(i) + "]' " + what, param=param)
+    return items
+
+
+async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tuple[Any, int]:
+    """Embed texts with the embedder; return (vectors [n, dim], tokens counted)."""
+    embedder = ctx.embedder
+    if embedder is None:
+        raise EmbedderUnavailableError("the embedding model is not enabled on this daemon")
+    if not embed_model_matches(model, embedder.model_id):
+        if ctx.llm is not None and not is_persona(model):
+            try:
+                await ctx.llm.async_resolve(model)
+            except (NotFoundError, MongarsError):
+                pass
+            else:
+                raise ValidationError("model '" + model + "' does not support embeddings; use " + embedder.model_id, param="model")
+        raise NotFoundError("model '" + model + "' not found (the embedding model is " + embedder.model_id + ")", param="model")
+    vectors = await embedder.async_embed(texts)
+    counts = embedder.count_tokens(texts)
+    return vectors, int(sum(counts))
+
+
+async def handle_embeddings(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
+    assert model is not None
+    texts = parse_embed_input(body.get("input"))
+    fmt = get_str(body, "encoding_format", default="float")
+    if fmt not in ("float", "base64"):
+        raise ValidationError("'encoding_format' must be float or base64", param="encoding_format")
+    dims = opt_int(body, "dimensions", lo=1)
+    vectors, n_tokens = await async_embed_texts(ctx, model, texts)
+    if dims is not None and dims != vectors.shape[1]:
+        raise ValidationError("'dimensions' must be " + str(vectors.shape[1]) + " for " + ctx.embedder.model_id, param="dimensions")
+    data = []
+    for i, row in enumerate(vectors):
+        emb: Any = base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() if fmt == "base64" else [float(x) for x in row]
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return json_response(
+        {"object": "list", "data": data, "model": ctx.embedder.model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+
+
+async def async_model_objects(ctx: AppContext) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if ctx.llm is not None:
+        for entry in await ctx.llm.async_list_models():
+            out.append({"id": entry.id, "object": "model", "created": int(entry.modified_at.timestamp()), "owned_by": OWNER})
+    if ctx.pipeline is not None:
+        out.append({"id": PERSONA_MODEL_ID, "object": "model", "created": int(ctx.started_at), "owned_by": OWNER})
+    if ctx.embedder is not None:
+        out.append({"id": ctx.embedder.model_id, "object": "model", "created": int(ctx.started_at), "owned_by": OWNER})
+    return out
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return json_response({"object": "list", "data": await async_model_objects(ctx)})
+
+
+async def handle_model(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    wanted = request.match_info["model"]
+    for obj in await async_model_objects(ctx):
+        if obj["id"] == wanted:
+            return json_response(obj)
+    if ctx.llm is not None and not is_persona(wanted):
+        try:
+            entry = await ctx.llm.async_resolve(wanted)
+        except NotFoundError:
+            pass
+        else:
+            return json_response({"id": entry.id, "object": "model", "created": int(entry.modified_at.timestamp()), "owned_by": OWNER})
+    raise NotFoundError("model '" + wanted + "' not found", param="model")
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/embeddings", handle_embeddings)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/v1/models/{model:.+}", handle_model)
