@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _domain_registrars() -> list[Callable[..., None]]:
     """Subcommands owned by domain packages (models, keys, peers, chat)."""
-    registrars: list[Callable[..., None]] = []
+    from mongarsd import chat_client
+
+    registrars: list[Callable[..., None]] = [chat_client.register]
     return registrars
 
 

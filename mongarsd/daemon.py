@@ -8,7 +8,7 @@ import ipaddress
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -133,23 +133,6 @@ class HttpService:
             await runner.cleanup()
 
 
-class _Callback:
-    """Adapt a pair of coroutines to the service shape (for small parts of the composition)."""
-
-    def __init__(self, name: str, start: Callable[[], Any], stop: Callable[[], Any], start_timeout_s: float = 10.0, stop_timeout_s: float = 10.0) -> None:
-        self.name = name
-        self._start = start
-        self._stop = stop
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-
-    async def async_start(self) -> None:
-        await self._start()
-
-    async def async_stop(self) -> None:
-        await self._stop()
-
-
 class Daemon:
     """Own one run of mongarsd: services, signals, readiness, watchdog."""
 
@@ -164,6 +147,8 @@ class Daemon:
         self._exit_code = EXIT_OK
         self.ctx: AppContext | None = None
         self.http: HttpService | None = None
+        # Supervised loops (name, factory) that services ask for; spawned once every service started.
+        self.loops: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
     def request_stop(self, exit_code: int = EXIT_OK) -> None:
         self._exit_code = exit_code
@@ -219,6 +204,7 @@ class Daemon:
         services: list[Service] = [db, BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir)]
         route_setups: list[Callable[[web.Application], None]] = []
         services += self._core_services(ctx, route_setups)
+        services += self._mesh_services(ctx, route_setups)
         app = create_app(ctx, route_setups)
         self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
         services.append(self.http)
@@ -227,6 +213,10 @@ class Daemon:
 
     def _core_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
         """Inference, memory and cognition: started after the store, before the API."""
+        return []
+
+    def _mesh_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
+        """The peer mesh (gossip, discovery, scheduler) when mesh.enabled; its routes always."""
         return []
 
     def _edge_services(self, ctx: AppContext) -> list[Service]:
@@ -238,6 +228,7 @@ class Daemon:
         metrics = Metrics()
         stack = ServiceStack(on_change=lambda name, up: metrics.service_up.labels(name).set(1 if up else 0))
         tasks = TaskSupervisor(on_fatal=lambda name, err: self.request_stop(EXIT_FAILURE))
+        self.loops = []
         services, ctx = self.build_services(metrics, stack)
         self.ctx = ctx
         t0 = time.monotonic()
@@ -250,6 +241,8 @@ class Daemon:
             cause = err.__cause__
             log.error("daemon_start_failed", error=str(cause or err))
             return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_FAILURE
+        for name, factory in self.loops:
+            tasks.spawn(name, factory)
         ctx.ready = True
         metrics.ready.set(1)
         if self.notifier.watchdog_interval_s:
