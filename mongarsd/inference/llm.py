@@ -417,7 +417,9 @@ class LlamaEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._accepting = False
-        self._incoming: deque[_Request] = deque()
+        self._incoming: deque[_Request] = deque()  # mutated only under _in_lock
+        self._in_lock = threading.Lock()
+        self._closed = False  # set under _in_lock when the thread stops taking requests
         self._slot_list = [_Slot(i) for i in range(slots)]
         self._use_counter = 0
         self._inflight = 0  # loop-side: admitted and not yet finished/abandoned
@@ -445,6 +447,7 @@ class LlamaEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._closed = False
         await asyncio.to_thread(self._load)
         self._stopping = False
         self._accepting = True
@@ -706,15 +709,18 @@ class LlamaEngine:
         try:
             grammar = grammar_for(params)
             if grammar is not None and len(grammar) > GRAMMAR_IN_THREAD_CHARS:
-                sampler = await asyncio.to_thread(self._make_sampler, lib, params, grammar)
+                sampler = await self._async_make_sampler_in_thread(lib, params, grammar)
             else:
                 sampler = self._make_sampler(lib, params, grammar)
             queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
             req = _Request(list(prompt_tokens), params, cache_key, sampler, queue.put_nowait)
-            if self._stopping:
+            with self._in_lock:
+                closed = self._closed or self._stopping
+                if not closed:
+                    self._incoming.append(req)  # from here on the thread owns the sampler
+            if closed:
                 lib.llama_sampler_free(sampler)
                 raise OverloadedError("model " + self.model_id + " is shutting down", retry_after_s=MIN_RETRY_AFTER_S, status=503)
-            self._incoming.append(req)  # from here on the thread owns the sampler
             self._wake.set()
             while True:
                 item = await queue.get()
@@ -728,6 +734,20 @@ class LlamaEngine:
             if req is not None and not req.finished:
                 req.cancelled = True
                 self._wake.set()
+
+    async def _async_make_sampler_in_thread(self, lib: Any, params: GenerationParams, grammar: str) -> Any:
+        """Build a sampler with a big grammar off the loop; free it if the caller goes away."""
+        fut = asyncio.get_running_loop().run_in_executor(None, self._make_sampler, lib, params, grammar)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+
+            def _free_orphan(f: asyncio.Future[Any]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    lib.llama_sampler_free(f.result())
+
+            fut.add_done_callback(_free_orphan)
+            raise
 
     def _make_sampler(self, lib: Any, params: GenerationParams, grammar: str | None) -> Any:
         """Build a sampler chain: grammar, penalties, top_k, top_p, min_p, temp, dist/greedy."""
@@ -834,8 +854,11 @@ class LlamaEngine:
                 self._release(slot, req)
                 if not req.cancelled:
                     out.append((req, err))
-        while self._incoming:
-            req = self._incoming.popleft()
+        with self._in_lock:
+            self._closed = True
+            waiting = list(self._incoming)
+            self._incoming.clear()
+        for req in waiting:
             req.finished = True
             self._lib.llama_sampler_free(req.sampler)
             if not req.cancelled:
@@ -859,15 +882,14 @@ class LlamaEngine:
             if req is not None and req.cancelled:
                 self._account(req, time.perf_counter())
                 self._release(slot, req)
-        if self._incoming and any(r.cancelled for r in self._incoming):
-            keep: deque[_Request] = deque()
-            for r in self._incoming:
-                if r.cancelled:
-                    r.finished = True
-                    self._lib.llama_sampler_free(r.sampler)
-                else:
-                    keep.append(r)
-            self._incoming = keep
+        if self._incoming:
+            with self._in_lock:
+                gone = [r for r in self._incoming if r.cancelled]
+                for r in gone:
+                    self._incoming.remove(r)
+            for r in gone:
+                r.finished = True
+                self._lib.llama_sampler_free(r.sampler)
 
     def _admit(self) -> None:
         """Move waiting requests into idle slots, FIFO, while their KV reservation fits."""
@@ -903,7 +925,8 @@ class LlamaEngine:
                     lib.llama_memory_seq_rm(self._mem, index, -1, -1)
                     keep = 0
                 del slot.tokens[keep:]
-            self._incoming.popleft()
+            with self._in_lock:
+                self._incoming.popleft()
             req.pos = keep
             req.n_cached = keep
             req.t_start = time.perf_counter()
@@ -944,6 +967,7 @@ class LlamaEngine:
             assert req is not None
             log.warning("kv_cache_full", model=self.model_id, slot=victim.index, tokens=len(victim.tokens))
             self._finish(victim, req=req, reason=FINISH_LENGTH, text="", now=now, out=out)
+            self._evict([victim.index])  # its cells are needed now, not as a prefix cache
             n_gen -= 1
         return [s for s in active if s.req is not None]
 

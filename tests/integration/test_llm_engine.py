@@ -178,7 +178,7 @@ async def test_overload_cancellation_and_deferred_admission(engine: LlamaEngine)
         await s.aclose()
     # every slot is free again within a step
     deadline = time.monotonic() + 5
-    while engine.stats().slots_busy and time.monotonic() < deadline:
+    while engine.stats().slots_busy and time.monotonic() < deadline:  # noqa: ASYNC110  (state lives in another thread)
         await asyncio.sleep(0.01)
     stats = engine.stats()
     assert stats.slots_busy == 0 and stats.requests_deferred == 0
@@ -258,5 +258,23 @@ async def test_stop_while_streaming_fails_consumers_and_joins() -> None:
         assert eng._thread is None and not eng.loaded
         with pytest.raises(OverloadedError):
             await anext(eng.async_generate(tokens, GenerationParams()))
+    finally:
+        await eng.async_stop()
+
+
+async def test_full_kv_ends_the_longest_generation_instead_of_failing() -> None:
+    eng = make_engine(n_ctx=128, slots=2, warmup=False)
+    await eng.async_start()
+    try:
+        cells = eng.n_ctx
+        tokens = eng.tokenize("Once upon a time", add_special=True)
+        max_tokens = cells * 6 // 10
+        params = GenerationParams(max_tokens=max_tokens, temperature=0.8, seed=5)
+        results = await asyncio.gather(*(collect(eng, tokens, params) for _ in range(2)))
+        finals = sorted((ev for _, ev in results), key=lambda ev: ev.completion_tokens)
+        assert all(ev.finish_reason in ("length", "stop") for ev in finals)
+        # 2 x (prompt + max_tokens) does not fit in the cells: one request was cut short
+        assert finals[0].completion_tokens < max_tokens
+        assert eng.stats().kv_cache_tokens <= cells
     finally:
         await eng.async_stop()
