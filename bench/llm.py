@@ -1,0 +1,613 @@
+"""P1–P5 and P12: the daemon's HTTP API against llama.cpp's own llama-bench and llama-server.
+
+Both sides use the same GGUF file, the same thread count, the same batch sizes and the same
+prompts; the measurements of the two sides are interleaved (daemon, reference, daemon, …)
+so that drift on a busy two-core machine hits both alike. Every request is sequential
+except the 4-stream runs of P4, which run 4 streams on each side in turn, never both at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from bench.common import (
+    LOOPBACK,
+    BenchSettings,
+    Proc,
+    Skip,
+    StreamResult,
+    async_stream,
+    free_port,
+    histogram_delta,
+    histogram_quantile,
+    http_get,
+    make_entry,
+    median,
+    native_tool,
+    parse_histogram,
+    skipped_entry,
+    spawn,
+    spread,
+    start_daemon,
+)
+
+REPS: Final = 3  # repetitions per side for P1, P2, P4, P5 (median reported)
+TTFT_REPS: Final = 7  # P3 is cheap and noisy: more samples
+DECODE_TOKENS: Final = 128
+PP_TOKENS: Final = 512
+CONVERSATION_TOKENS: Final = 1000
+STREAMS: Final = 4
+CTX_PER_STREAM: Final = 1024
+N_BATCH: Final = 512
+LLAMA_BENCH_REPS: Final = 5
+LLAMA_BENCH_TIMEOUT_S: Final = 240.0
+LAG_METRIC: Final = "mongarsd_event_loop_lag_seconds"
+
+WORDS: Final = (
+    "river",
+    "stone",
+    "market",
+    "window",
+    "garden",
+    "letter",
+    "morning",
+    "silver",
+    "engine",
+    "harbor",
+    "forest",
+    "valley",
+    "winter",
+    "summer",
+    "teacher",
+    "doctor",
+    "village",
+    "mountain",
+    "question",
+    "answer",
+    "library",
+    "bridge",
+    "candle",
+    "travel",
+    "number",
+    "pattern",
+    "kitchen",
+    "season",
+    "planet",
+    "signal",
+    "machine",
+    "thunder",
+    "castle",
+    "meadow",
+    "lantern",
+    "painter",
+    "harvest",
+    "voyage",
+    "shadow",
+    "crystal",
+    "ribbon",
+    "orchard",
+    "compass",
+    "blanket",
+    "feather",
+    "whistle",
+    "mirror",
+    "puzzle",
+    "journey",
+    "story",
+    "quietly",
+    "slowly",
+    "bright",
+    "gentle",
+    "ancient",
+    "modern",
+    "careful",
+    "simple",
+    "heavy",
+    "narrow",
+    "golden",
+    "hidden",
+    "open",
+    "builds",
+    "carries",
+    "follows",
+    "watches",
+    "finds",
+    "keeps",
+    "writes",
+    "reads",
+    "opens",
+    "remembers",
+    "measures",
+    "explains",
+)
+
+
+def count_prompt(start: int) -> str:
+    """A prompt the model continues for hundreds of tokens at temperature 0 (no ignore_eos needed)."""
+    return f"Count from {start} to {start + 900}: {start}, {start + 1}, {start + 2}, {start + 3},"
+
+
+def filler(seed: int, n_words: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+class TokenCounter:
+    """Count tokens with the model's own vocabulary (llama-cpp-python, vocab only)."""
+
+    def __init__(self, model_path: Path) -> None:
+        self._llama: Any = None
+        try:
+            from llama_cpp import Llama
+
+            self._llama = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        except (ImportError, OSError, ValueError, RuntimeError):
+            self._llama = None  # fall back to an estimate; the daemon's usage tells the truth
+
+    def count(self, text: str) -> int:
+        if self._llama is None:
+            return int(len(text.split()) * 1.4)
+        return len(self._llama.tokenize(text.encode(), add_bos=True, special=False))
+
+
+def sized_text(counter: TokenCounter, prefix: str, seed: int, tokens: int) -> str:
+    """Return prefix + filler words with about `tokens` tokens (bounded search)."""
+    lo, hi = 1, tokens * 2
+    best = prefix
+    for _ in range(24):  # binary search on the word count
+        if lo > hi:
+            break
+        mid = (lo + hi) // 2
+        text = prefix + filler(seed, mid)
+        n = counter.count(text)
+        if n <= tokens:
+            best = text
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+# --------------------------------------------------------------------------- references
+
+
+def run_llama_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run llama-bench pp512 + tg128 on the same model and threads; return t/s (blocking)."""
+    exe = native_tool("llama-bench")
+    cmd = [
+        str(exe), "-m", str(settings.model_path), "-t", str(settings.threads),
+        "-p", str(PP_TOKENS), "-n", str(DECODE_TOKENS), "-b", str(N_BATCH), "-ub", str(N_BATCH),
+        "-fa", "0", "-r", str(LLAMA_BENCH_REPS), "-o", "json",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT_S, cwd=settings.models_dir.parent)
+    except subprocess.TimeoutExpired as err:
+        raise Skip(f"llama-bench ran past {LLAMA_BENCH_TIMEOUT_S:.0f} s") from err
+    if proc.returncode != 0:
+        raise Skip(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return parse_llama_bench(proc.stdout) | {"command": " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name)}
+
+
+def parse_llama_bench(stdout: str) -> dict[str, Any]:
+    """Pick pp and tg average t/s out of llama-bench's JSON output (pure)."""
+    start = stdout.find("[")
+    rows = json.loads(stdout[start:]) if start >= 0 else []
+    out: dict[str, Any] = {}
+    for row in rows:
+        n_prompt, n_gen = int(row.get("n_prompt", 0)), int(row.get("n_gen", 0))
+        key = "pp" if n_gen == 0 and n_prompt > 0 else "tg" if n_prompt == 0 and n_gen > 0 else None
+        if key:
+            out[key] = float(row["avg_ts"])
+            out[key + "_stddev"] = float(row.get("stddev_ts", 0.0))
+            out[key + "_samples"] = [round(float(x), 2) for x in row.get("samples_ts", [])]
+            out["build"] = row.get("build_commit")
+    return out
+
+
+def start_llama_server(settings: BenchSettings, workdir: Path) -> Proc:
+    """Start llama-server with 4 slots and the same ctx per slot, threads and batch (blocking)."""
+    exe = native_tool("llama-server")
+    port = free_port()
+    t = str(settings.threads)
+    cmd = [
+        str(exe), "-m", str(settings.model_path), "--host", LOOPBACK, "--port", str(port),
+        "-t", t, "-tb", t, "-np", str(STREAMS), "-c", str(STREAMS * CTX_PER_STREAM),
+        "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "off", "--no-webui",
+    ]  # fmt: skip
+    proc = spawn(cmd, log_path=workdir / f"llama-server-{port}.log", port=port)
+    proc.extra["command"] = " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name)
+    proc.wait_ready("/health")
+    return proc
+
+
+def daemon_overrides(settings: BenchSettings) -> dict[str, str]:
+    """Make the daemon match llama-server: threads, 4 slots, ctx, batch, no flash attention."""
+    t = str(settings.threads)
+    return {
+        "MONGARSD_INFERENCE__THREADS": t,
+        "MONGARSD_INFERENCE__THREADS_BATCH": t,
+        "MONGARSD_INFERENCE__SLOTS": str(STREAMS),
+        "MONGARSD_INFERENCE__N_CTX": str(STREAMS * CTX_PER_STREAM),
+        "MONGARSD_INFERENCE__N_BATCH": str(N_BATCH),
+        "MONGARSD_INFERENCE__N_UBATCH": str(N_BATCH),
+        "MONGARSD_INFERENCE__FLASH_ATTN": "false",
+        "MONGARSD_INFERENCE__KV_CACHE_TYPE": "f16",
+        "MONGARSD_INFERENCE__PRELOAD": "true",
+        "MONGARSD_INFERENCE__QUEUE_DEPTH": "16",
+        "MONGARSD_EMBED__PRELOAD": "false",
+        "MONGARSD_MAINTENANCE__ENABLED": "false",
+    }
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Side:
+    """One server under test: the daemon (model id) or llama-server (model ignored)."""
+
+    def __init__(self, name: str, base_url: str, model: str) -> None:
+        self.name = name
+        self.base = base_url
+        self.model = model
+
+    def completion(self, prompt: str, max_tokens: int) -> tuple[str, dict[str, Any]]:
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        return self.base + "/v1/completions", body
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, dict[str, Any]]:
+        body = {
+            "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        return self.base + "/v1/chat/completions", body
+
+
+async def async_one(side: Side, prompt: str, max_tokens: int) -> StreamResult:
+    import aiohttp
+
+    url, body = side.completion(prompt, max_tokens)
+    async with aiohttp.ClientSession() as session:
+        return await async_stream(session, url, body)
+
+
+async def async_many(side: Side, prompts: list[str], max_tokens: int) -> tuple[list[StreamResult], float, float]:
+    """Run the prompts as concurrent streams; return results, send time and last-token time."""
+    import aiohttp
+
+    conn = aiohttp.TCPConnector(limit=len(prompts))
+    async with aiohttp.ClientSession(connector=conn) as session:
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(async_stream(session, *side.completion(p, max_tokens)) for p in prompts))
+    t_end = max((r.t_last or r.t_send) for r in results)
+    return list(results), t0, t_end
+
+
+async def async_chat(side: Side, messages: list[dict[str, str]], max_tokens: int) -> StreamResult:
+    import aiohttp
+
+    url, body = side.chat(messages, max_tokens)
+    async with aiohttp.ClientSession() as session:
+        return await async_stream(session, url, body)
+
+
+def aggregate_rate(results: list[StreamResult], t0: float, t_end: float) -> float:
+    """Total completion tokens over wall time from sending to the last token (both sides alike)."""
+    tokens = sum(r.completion_tokens for r in results)
+    return tokens / (t_end - t0) if t_end > t0 else 0.0
+
+
+def scrape_lag(daemon: Proc) -> list[tuple[float, float]]:
+    status, body = http_get(daemon.url + "/metrics", timeout=10)
+    if status != 200:
+        raise Skip(f"GET /metrics answered {status}")
+    buckets = parse_histogram(body.decode(errors="replace"), LAG_METRIC)
+    if not buckets:
+        raise Skip(f"/metrics has no {LAG_METRIC} histogram")
+    return buckets
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class LlmRun:
+    """What the measurements of one run share."""
+
+    results: dict[str, Any]
+    settings: BenchSettings
+    daemon: Proc
+    dside: Side
+    sside: Side | None
+    wanted: tuple[str, ...]
+    common: dict[str, Any]
+    bench_ref: dict[str, Any] = field(default_factory=dict)
+    ref_error: str = ""
+    server_error: str = ""
+
+
+def _guard(results: dict[str, Any], pids: tuple[str, ...], fn: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Run one measurement; a Skip (or any error) marks its ids skipped instead of crashing."""
+    try:
+        fn()
+    except Skip as err:
+        for pid in pids:
+            results.setdefault(pid, skipped_entry(pid, str(err)))
+        log(f"  {'/'.join(pids)} skipped: {err}")
+    except Exception as err:  # a bench run reports a broken part and goes on with the rest
+        for pid in pids:
+            results.setdefault(pid, skipped_entry(pid, f"error: {type(err).__name__}: {err}"))
+        log(f"  {'/'.join(pids)} error: {type(err).__name__}: {err}")
+
+
+def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only: set[str], log: Callable[[str], None] = print) -> None:
+    """Measure P1–P5 and P12 (those in `only`) into `results`."""
+    wanted = tuple(p for p in ("P1", "P2", "P3", "P4", "P5", "P12") if p in only)
+    if not wanted:
+        return
+    if not settings.model_path.is_file():
+        for pid in wanted:
+            results[pid] = skipped_entry(pid, f"model file {settings.model_path} is missing (make install)")
+        return
+
+    common: dict[str, Any] = {"model": settings.model_path.name, "threads": settings.threads}
+    bench_ref: dict[str, Any] = {}
+    ref_error = ""
+    if {"P1", "P2"} & set(wanted):
+        log("  llama-bench pp512/tg128 ...")
+        try:
+            bench_ref = run_llama_bench(settings)
+        except Skip as err:
+            ref_error = str(err)
+
+    log("  starting the daemon (4 slots) ...")
+    try:
+        daemon = start_daemon(workdir, settings, name="llm", overrides=daemon_overrides(settings))
+    except Skip as err:
+        for pid in wanted:
+            results[pid] = skipped_entry(pid, f"daemon did not start: {err}")
+        return
+    server: Proc | None = None
+    server_error = ""
+    try:
+        status, _ = http_get(daemon.url + "/v1/models", timeout=10)
+        if status != 200:
+            for pid in wanted:
+                results[pid] = skipped_entry(pid, f"the daemon has no OpenAI API yet (GET /v1/models answered {status})")
+            return
+        dside = Side("mongarsd", daemon.url, settings.model_id)
+        if {"P3", "P4"} & set(wanted):
+            log("  starting llama-server -np 4 ...")
+            try:
+                server = start_llama_server(settings, workdir)
+            except Skip as err:
+                server_error = f"llama-server: {err}"
+        sside = Side("llama-server", server.url, "ref") if server else None
+        ctx = LlmRun(results, settings, daemon, dside, sside, wanted, common, bench_ref, ref_error, server_error)
+        # Warm both sides (first decode pages the weights in and builds caches).
+        _guard(results, wanted, lambda: _warm(dside, sside), log)
+        if any(results.get(p, {}).get("skipped") for p in wanted):
+            return
+
+        if "P1" in wanted:
+            log("  P1 single-stream decode ...")
+            _guard(results, ("P1",), lambda: _p1(ctx), log)
+        if "P2" in wanted:
+            log("  P2 prompt processing ...")
+            _guard(results, ("P2",), lambda: _p2(ctx), log)
+        if "P3" in wanted:
+            log("  P3 time to first token ...")
+            _guard(results, ("P3",), lambda: _p3(ctx), log)
+        if {"P4", "P12"} & set(wanted):
+            log("  P4/P12 4 concurrent streams ...")
+            _guard(results, tuple(p for p in ("P4", "P12") if p in wanted), lambda: _p4_p12(ctx), log)
+        if "P5" in wanted:
+            log("  P5 prefix cache ...")
+            _guard(results, ("P5",), lambda: _p5(ctx), log)
+        if server is not None:
+            for pid in ("P3", "P4"):
+                if pid in results and "details" in results[pid]:
+                    results[pid]["details"]["llama_server_command"] = server.extra.get("command")
+    finally:
+        if server is not None:
+            server.stop()
+        daemon.stop()
+
+
+def _warm(dside: Side, sside: Side | None) -> None:
+    for side in (dside, sside):
+        if side is not None:
+            asyncio.run(async_one(side, count_prompt(7), 16))
+
+
+def _p1(c: LlmRun) -> None:
+    results, dside, sside, ref, ref_error, common = c.results, c.dside, c.sside, c.bench_ref, c.ref_error, c.common
+    rates, server_rates, tokens = [], [], []
+    for rep in range(REPS):
+        r = asyncio.run(async_one(dside, count_prompt(11 + rep * 100), DECODE_TOKENS))
+        rate = r.decode_rate()
+        if rate is None:
+            raise Skip(f"the stream returned {r.completion_tokens} tokens; cannot time decoding")
+        rates.append(rate)
+        tokens.append(r.completion_tokens)
+        if sside is not None:
+            s = asyncio.run(async_one(sside, count_prompt(11 + rep * 100), DECODE_TOKENS))
+            if (sr := s.decode_rate()) is not None:
+                server_rates.append(sr)
+    details = {
+        **common,
+        "method": "stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token), median of reps",
+        "api": spread(rates),
+        "completion_tokens": tokens,
+        "llama_bench": {k: v for k, v in ref.items() if k.startswith("tg") or k in ("command", "build")},
+        "llama_server_same_method": spread(server_rates),
+    }
+    if "tg" not in ref:
+        details["reference_skipped"] = ref_error or "llama-bench gave no tg row"
+    results["P1"] = make_entry("P1", value=median(rates), reference=ref.get("tg"), details=details)
+
+
+def _p2(c: LlmRun) -> None:
+    results, dside, ref, ref_error, settings, common = c.results, c.dside, c.bench_ref, c.ref_error, c.settings, c.common
+    counter = TokenCounter(settings.model_path)
+    rates, server_reported, prompt_tokens, ttfts = [], [], [], []
+    for rep in range(REPS):
+        prompt = sized_text(counter, f"Report {rep * 37 + 5}. ", seed=1000 + rep, tokens=PP_TOKENS)
+        r = asyncio.run(async_one(dside, prompt, 1))
+        n, ttft = r.prompt_tokens, r.ttft_s
+        if n is None:
+            raise Skip("the stream has no usage.prompt_tokens (stream_options.include_usage)")
+        if ttft is None or ttft <= 0:
+            raise Skip("no token came back")
+        rates.append(n / ttft)
+        ttfts.append(ttft * 1000)
+        prompt_tokens.append(n)
+        if r.timings and r.timings.get("prompt_per_second"):
+            server_reported.append(float(r.timings["prompt_per_second"]))
+    details = {
+        **common,
+        "method": "stream /v1/completions, max_tokens 1, prompt_tokens / time to first token (nothing subtracted), median",
+        "api": spread(rates),
+        "ttft_ms": spread(ttfts),
+        "prompt_tokens": prompt_tokens,
+        "server_reported_prompt_per_second": spread(server_reported),
+        "llama_bench": {k: v for k, v in ref.items() if k.startswith("pp") or k in ("command", "build")},
+    }
+    if "pp" not in ref:
+        details["reference_skipped"] = ref_error or "llama-bench gave no pp row"
+    results["P2"] = make_entry("P2", value=median(rates), reference=ref.get("pp"), details=details)
+
+
+P3_PROMPT: Final = "Question {n}: In two short sentences, explain why the sky is blue during the day and why sunsets look red."
+
+
+def _p3(c: LlmRun) -> None:
+    results, dside, sside, server_error, common = c.results, c.dside, c.sside, c.server_error, c.common
+    ours, theirs = [], []
+    for rep in range(TTFT_REPS):
+        prompt = P3_PROMPT.format(n=rep * 13 + 3)  # new prompt each rep: no prefix-cache hit on either side
+        r = asyncio.run(async_one(dside, prompt, 4))
+        if r.ttft_s is None:
+            raise Skip("no token came back from the daemon")
+        ours.append(r.ttft_s * 1000)
+        if sside is not None:
+            s = asyncio.run(async_one(sside, prompt, 4))
+            if s.ttft_s is not None:
+                theirs.append(s.ttft_s * 1000)
+    value, ref = median(ours), median(theirs)
+    delta = value - ref if value is not None and ref is not None else None
+    details = {
+        **common,
+        "method": "stream /v1/completions, send to first SSE token, interleaved, median",
+        "api_ms": spread(ours),
+        "llama_server_ms": spread(theirs),
+    }
+    if sside is None:
+        details["reference_skipped"] = server_error
+    results["P3"] = make_entry("P3", value=value, reference=ref, delta_ms=delta, details=details)
+
+
+def _p4_p12(c: LlmRun) -> None:
+    results, daemon, dside, sside, server_error, wanted, common = c.results, c.daemon, c.dside, c.sside, c.server_error, c.wanted, c.common
+    agg: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
+    single: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
+    lag_4stream: list[tuple[float, float]] = []
+    for rep in range(REPS):
+        prompts = [count_prompt(100 * (i + 1) + rep * 1000) for i in range(STREAMS)]
+        for side in (dside, sside):
+            if side is None:
+                continue
+            before = scrape_lag(daemon) if side is dside and "P12" in wanted else []
+            res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
+            agg[side.name].append(aggregate_rate(res, t0, t_end))
+            if before:
+                delta = histogram_delta(scrape_lag(daemon), before)
+                lag_4stream = delta if not lag_4stream else [(le, c + d) for (le, c), (_, d) in zip(lag_4stream, delta, strict=True)]
+            one, t0, t_end = asyncio.run(async_many(side, [prompts[0]], DECODE_TOKENS))
+            single[side.name].append(aggregate_rate(one, t0, t_end))
+    d4, s4 = median(agg["mongarsd"]), median(agg["llama-server"])
+    d1, s1 = median(single["mongarsd"]), median(single["llama-server"])
+    if "P4" in wanted:
+        details = {
+            **common,
+            "method": "4 concurrent streams of 128 tokens (counting prompts); sum of completion tokens / (last token - send); median of reps",
+            "mongarsd_4_streams": spread(agg["mongarsd"]),
+            "llama_server_4_streams": spread(agg["llama-server"]),
+            "mongarsd_1_stream": spread(single["mongarsd"]),
+            "llama_server_1_stream": spread(single["llama-server"]),
+            "mongarsd_scaling_4_vs_1": round(d4 / d1, 3) if d4 and d1 else None,
+            "llama_server_scaling_4_vs_1": round(s4 / s1, 3) if s4 and s1 else None,
+        }
+        if sside is None:
+            details["reference_skipped"] = server_error
+        results["P4"] = make_entry("P4", value=d4, reference=s4, details=details)
+    if "P12" in wanted:
+        p99 = histogram_quantile(0.99, lag_4stream)
+        status, body = http_get(daemon.url + "/api/v1/status", timeout=10)
+        status_lag = json.loads(body).get("event_loop_lag") if status == 200 else None
+        samples = lag_4stream[-1][1] if lag_4stream else 0
+        if not samples:
+            raise Skip("no event-loop lag samples were observed while generating")
+        details = {
+            "method": f"/metrics {LAG_METRIC} bucket deltas over the daemon's 4-stream runs, p99 interpolated like histogram_quantile",
+            "samples": samples,
+            "buckets_le_s_count": [[le if le != float("inf") else "+Inf", c] for le, c in lag_4stream],
+            "status_window_after": status_lag,
+        }
+        results["P12"] = make_entry("P12", value=None if p99 is None else p99 * 1000, reference=None, details=details)
+
+
+def conversation(counter: TokenCounter, nonce: int, tokens: int) -> list[dict[str, str]]:
+    """A multi-turn chat of about `tokens` tokens that starts with a unique nonce."""
+    turns = 4
+    per = max(tokens // (2 * turns) - 6, 16)
+    msgs = [{"role": "system", "content": "You are a concise assistant."}]
+    for t in range(turns):
+        msgs.append(
+            {
+                "role": "user",
+                "content": sized_text(counter, f"Conversation {nonce}, part {t}: summarize these notes. ", seed=nonce * 10 + t, tokens=per),
+            }
+        )
+        msgs.append({"role": "assistant", "content": sized_text(counter, "Summary: ", seed=nonce * 10 + t + 5, tokens=per)})
+    msgs.append({"role": "user", "content": "Which of these notes matters most, in one sentence?"})
+    return msgs
+
+
+def _p5(c: LlmRun) -> None:
+    results, dside, settings, common = c.results, c.dside, c.settings, c.common
+    counter = TokenCounter(settings.model_path)
+    cold, warm, prompt_tokens, cached = [], [], [], []
+    for rep in range(REPS):
+        msgs = conversation(counter, nonce=rep * 7 + 101, tokens=CONVERSATION_TOKENS)
+        first = asyncio.run(async_chat(dside, msgs, 16))
+        if first.ttft_s is None:
+            raise Skip("no token came back from /v1/chat/completions")
+        cold.append(first.ttft_s * 1000)
+        prompt_tokens.append(first.prompt_tokens)
+        follow = [*msgs, {"role": "assistant", "content": first.text}, {"role": "user", "content": "Why?"}]
+        second = asyncio.run(async_chat(dside, follow, 16))
+        if second.ttft_s is None:
+            raise Skip("no token came back from the follow-up turn")
+        warm.append(second.ttft_s * 1000)
+        details_usage = (second.usage or {}).get("prompt_tokens_details") or {}
+        cached.append(details_usage.get("cached_tokens"))
+    details = {
+        **common,
+        "method": "stream /v1/chat/completions; cold = first request of a new ~1k-token conversation, follow-up = same conversation + reply + one user turn; TTFT medians",
+        "cold_ms": spread(cold),
+        "follow_up_ms": spread(warm),
+        "cold_prompt_tokens": prompt_tokens,
+        "follow_up_cached_tokens": cached,
+    }
+    results["P5"] = make_entry("P5", value=median(warm), reference=median(cold), details=details)

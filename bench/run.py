@@ -1,0 +1,139 @@
+"""Run the performance targets of DESIGN §9 one after another and write the results.
+
+    python -m bench.run [--models-dir models] [--only P1,P6] [--out bench/results/latest.json]
+
+Writes the JSON (each target id -> value, reference, ratio, target, unit, machine, met,
+checks, details), a dated copy next to it, a PNG chart, and prints a table. Measurements
+never overlap: on a two-core board two benchmarks at once would measure each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import embed, llm, startup
+from bench.common import REPO, TARGET_IDS, describe_machine, dump_json, finalize, format_table, resolve_settings, skipped_entry
+
+DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
+TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11")}
+
+
+def parse_only(text: str | None) -> set[str]:
+    """Turn 'P1,p6' into {'P1', 'P6'}; None means every target (pure)."""
+    if not text:
+        return set(TARGET_IDS)
+    wanted = {part.strip().upper() for part in text.split(",") if part.strip()}
+    unknown = wanted - set(TARGET_IDS)
+    if unknown:
+        raise SystemExit(f"unknown target id(s): {', '.join(sorted(unknown))}; known: {', '.join(TARGET_IDS)}")
+    return wanted
+
+
+def run_team_module(name: str, pids: tuple[str, ...], results: dict[str, Any], only: set[str], log: Any) -> None:
+    """Call bench.<name>.run(results) when that module exists; else mark its ids skipped."""
+    wanted = [p for p in pids if p in only]
+    if not wanted:
+        return
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"bench.{name}":
+            raise
+        for pid in wanted:
+            results[pid] = skipped_entry(pid, f"bench/{name}.py does not exist yet")
+        return
+    sub: dict[str, Any] = {}
+    try:
+        module.run(sub)
+    except Exception as err:  # a teammate's broken module must not lose the other results
+        for pid in wanted:
+            results[pid] = skipped_entry(pid, f"error in bench/{name}.py: {type(err).__name__}: {err}")
+        log(f"  bench/{name}.py failed: {type(err).__name__}: {err}")
+        return
+    for pid in wanted:
+        results[pid] = sub.get(pid) or skipped_entry(pid, f"bench/{name}.py did not report {pid}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--only", help="comma-separated target ids, e.g. P1,P6 (others keep their previous results in --out)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' state dirs and logs")
+    args = parser.parse_args(argv)
+    only = parse_only(args.only)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    models_dir = args.models_dir.resolve()
+    settings = resolve_settings(models_dir)
+    machine = describe_machine()
+    started = time.monotonic()
+    now = datetime.now(UTC)
+    log(f"bench: {machine}; profile {settings.profile}; llama threads {settings.threads}; embed threads {settings.embed_threads}")
+    results: dict[str, Any] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="mongarsd-bench-"))
+    try:
+        if "P6" in only:
+            log("P6 embeddings ...")
+            embed.run(results, settings=settings, log=log)
+        if {"P8", "P9"} & only:
+            log("P8/P9 startup ...")
+            startup.run(results, settings=settings, workdir=workdir, only=only, log=log)
+        if {"P1", "P2", "P3", "P4", "P5", "P12"} & only:
+            log("P1-P5, P12 inference ...")
+            llm.run(results, settings=settings, workdir=workdir, only=only, log=log)
+        for name, pids in TEAM_MODULES.items():
+            if set(pids) & only:
+                log(f"{'/'.join(pids)} {name} ...")
+                run_team_module(name, pids, results, only, log)
+    finally:
+        if args.keep_logs:
+            log(f"logs and state dirs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    previous: dict[str, Any] = {}
+    if only != set(TARGET_IDS) and args.out.is_file():
+        try:
+            previous = json.loads(args.out.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = {}
+    merged = {pid: (results.get(pid) if pid in only else previous.get(pid)) for pid in TARGET_IDS}
+    for pid in TARGET_IDS:
+        if merged[pid] is None:
+            merged[pid] = skipped_entry(pid, "not run (--only) and no earlier result in " + str(args.out.name))
+    final = finalize({k: v for k, v in merged.items() if v is not None}, machine=machine, measured_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    for pid in TARGET_IDS:  # keep the measured_at/machine of results carried over from an earlier run
+        if pid not in only and previous.get(pid):
+            final[pid]["machine"] = previous[pid].get("machine", machine)
+            final[pid]["measured_at"] = previous[pid].get("measured_at")
+    dump_json(final, args.out)
+    dated = args.out.parent / (now.strftime("%Y-%m-%dT%H%M%SZ") + ".json")
+    dump_json(final, dated)
+    if not args.no_chart:
+        try:
+            from bench.chart import draw
+
+            draw(final, args.out.with_suffix(".png"), f"mongarsd bench — {machine} — {now:%Y-%m-%d %H:%M} UTC")
+        except ImportError as err:
+            log(f"no chart: {err}")
+    print()
+    print(format_table(final))
+    print(f"\nwrote {args.out} and {dated.name} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

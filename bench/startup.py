@@ -1,0 +1,100 @@
+"""P8 idle RSS (no models / default models) and P9 cold start to READY.
+
+Each start is a fresh `mongarsd run` with the board profile's defaults (an empty config
+file, a new state dir) on a free loopback port. "Cold" means a new process; the model files
+may be in the page cache (dropping caches would disturb everything else on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from bench.common import BenchSettings, Skip, http_get, make_entry, median, settled_rss_mb, skipped_entry, spread, start_daemon
+
+STARTS_WITH_MODELS: Final = 3
+STARTS_WITHOUT_MODELS: Final = 2
+
+
+def _models_loaded(url: str) -> Any:
+    """What the daemon says is loaded (Ollama /api/ps), or None when it cannot say."""
+    try:
+        status, body = http_get(url + "/api/ps", timeout=5)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    try:
+        return [m.get("name") or m.get("model") for m in json.loads(body).get("models", [])]
+    except (ValueError, AttributeError):
+        return None
+
+
+def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only: set[str], log: Callable[[str], None] = print) -> None:
+    """Measure P8 and P9 (those in `only`) into results."""
+    if not ({"P8", "P9"} & only):
+        return
+    ready_s: list[float] = []
+    loaded_rss: list[float] = []
+    bare_rss: list[float] = []
+    loaded_models: Any = None
+    services: Any = None
+    try:
+        for i in range(STARTS_WITH_MODELS):
+            d = start_daemon(workdir, settings, name=f"start{i}", models=True)
+            try:
+                assert d.ready_s is not None
+                ready_s.append(d.ready_s)
+                loaded_rss.append(settled_rss_mb(d.pid))
+                loaded_models = _models_loaded(d.url)
+                status, body = http_get(d.url + "/ready", timeout=5)
+                services = json.loads(body).get("services") if status == 200 else None
+            finally:
+                d.stop()
+        if "P8" in only:
+            for i in range(STARTS_WITHOUT_MODELS):
+                d = start_daemon(workdir, settings, name=f"bare{i}", models=False)
+                try:
+                    bare_rss.append(settled_rss_mb(d.pid))
+                finally:
+                    d.stop()
+    except Skip as err:
+        for pid in ("P8", "P9"):
+            if pid in only:
+                results[pid] = skipped_entry(pid, f"daemon did not start: {err}")
+        return
+
+    loaded = bool(loaded_models) or any(k in str(services).lower() for k in ("llm", "inference"))
+    note = (
+        None
+        if loaded
+        else "the daemon reports no loaded LLM (no /api/ps entry, no inference service in /ready): default models are not loaded at READY yet"
+    )
+    if "P9" in only:
+        details = {
+            "method": "spawn `mongarsd run` (board defaults, preload on) -> first GET /ready 200, polled every 20 ms; median",
+            "ready_s": spread(ready_s),
+            "services": services,
+            "loaded_models": loaded_models,
+        }
+        if note:
+            details["note"] = note
+        if loaded:
+            results["P9"] = make_entry("P9", value=median(ready_s), reference=None, details=details)
+        else:
+            results["P9"] = skipped_entry("P9", note or "") | {"details": details}
+    if "P8" in only:
+        details = {
+            "method": "VmRSS of the daemon process once /ready and RSS stopped growing; MONGARSD_INFERENCE__PRELOAD/EMBED__PRELOAD=false vs board defaults",
+            "no_models_mb": spread(bare_rss),
+            "default_models_mb": spread(loaded_rss),
+            "loaded_models": loaded_models,
+        }
+        if note:
+            details["note"] = note
+        results["P8"] = make_entry(
+            "P8", value=median(bare_rss), reference=None, loaded_rss_mb=median(loaded_rss) if loaded else None, details=details
+        )
+    log(f"  P8/P9 ready {median(ready_s)} s, rss {median(bare_rss)} / {median(loaded_rss)} MB")
