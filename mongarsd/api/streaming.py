@@ -63,18 +63,11 @@ class SamplingSpec:
 def build_params(spec: SamplingSpec, *, n_prompt: int, n_ctx: int, max_tokens_default: int) -> GenerationParams:
     """Turn a SamplingSpec into GenerationParams once the prompt length is known (pure).
 
-    Raises ContextOverflowError naming the token counts when the prompt leaves no room, and
-    ValidationError when num_ctx asks for more context than the model has.
+    Raises ContextOverflowError naming the token counts when the prompt leaves no room.
+    num_ctx (Ollama) lowers the context for this request; above the model's it is clamped.
     """
-    if spec.num_ctx is not None and spec.num_ctx > n_ctx:
-        raise ValidationError(
-            "num_ctx "
-            + str(spec.num_ctx)
-            + " is larger than this model's context of "
-            + str(n_ctx)
-            + " tokens (inference.n_ctx); lower num_ctx or raise inference.n_ctx",
-            param="num_ctx",
-        )
+    # num_ctx above the model's context is clamped, as Ollama does: Home Assistant's Ollama
+    # integration sends num_ctx 8192 by default, and refusing it would break that client
     limit = min(n_ctx, spec.num_ctx) if spec.num_ctx else n_ctx
     room = limit - n_prompt
     if room < 1:

@@ -139,6 +139,16 @@ def test_keep_alive_zero_unloads_after_the_request(client: ollama.Client) -> Non
     assert [m.model for m in client.ps().models] == [MODEL]
 
 
+def test_short_keep_alive_unloads_when_idle(client: ollama.Client) -> None:
+    client.chat(model=MODEL, messages=HI, options={"num_predict": 1}, keep_alive="1s")
+    assert [m.model for m in client.ps().models] == [MODEL]
+    deadline = time.monotonic() + 10
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.ps().models == []
+    client.chat(model=MODEL, messages=HI, options={"num_predict": 1}, keep_alive=-1)
+
+
 def test_unknown_model_is_404_in_ollama_shape(client: ollama.Client, served: tuple[DaemonProc, str]) -> None:
     r = post(served, "/api/chat", {"model": "llama9:70b", "messages": HI})
     assert r.status == 404 and r.json() == {"error": "model 'llama9:70b' not found"}
@@ -158,7 +168,8 @@ def test_corrupt_model_is_a_clear_error_and_the_daemon_keeps_serving(client: oll
     ("path", "body", "needle"),
     [
         ("/api/chat", {"model": MODEL, "messages": HI, "options": {"temperature": 50}}, "options.temperature"),
-        ("/api/chat", {"model": MODEL, "messages": HI, "options": {"num_ctx": 100000}}, "num_ctx 100000"),
+        ("/api/chat", {"model": MODEL, "messages": HI, "options": {"num_ctx": 16}}, "context holds 16 tokens"),
+        ("/api/chat", {"model": MODEL, "messages": HI, "options": {"num_ctx": 0}}, "options.num_ctx"),
         ("/api/chat", {"model": MODEL, "messages": HI, "options": {"num_predict": 0}}, "num_predict"),
         ("/api/chat", {"model": MODEL, "messages": "hi"}, "'messages' must be a list"),
         ("/api/chat", {"model": MODEL, "messages": HI, "keep_alive": "5 parsecs"}, "keep_alive"),
@@ -172,6 +183,12 @@ def test_bad_requests_are_400_in_ollama_shape(served: tuple[DaemonProc, str], pa
     assert r.status == 400, r.body
     data = r.json()
     assert list(data) == ["error"] and isinstance(data["error"], str) and needle in data["error"]
+
+
+def test_large_num_ctx_is_clamped_like_ollama(client: ollama.Client) -> None:
+    # Home Assistant's Ollama integration sends num_ctx 8192 by default
+    r = client.chat(model=MODEL, messages=HI, options={"num_ctx": 8192, "num_predict": 2})
+    assert r.done and r.eval_count and r.eval_count <= 2
 
 
 def test_malformed_json_and_oversized_prompt(served: tuple[DaemonProc, str]) -> None:

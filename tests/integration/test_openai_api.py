@@ -241,3 +241,16 @@ def test_prompt_over_char_limit_is_413(served: tuple[DaemonProc, str]) -> None:
 def test_completion_bad_prompt(served: tuple[DaemonProc, str]) -> None:
     r = post(served, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]})
     assert r.status == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_memory_budget_refuses_a_load_with_a_clear_error(tmp_path: Path) -> None:
+    d, token = start_llm_daemon(tmp_path, env={"MONGARSD_INFERENCE__MEMORY_BUDGET_MB": "50"})
+    try:
+        assert "default_model_preload_failed" in d.log()  # the daemon starts anyway
+        r = http("POST", d.url + "/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 2}, token=token)
+        assert r.status == 422
+        msg = r.json()["error"]["message"]
+        assert "memory budget is 50 MB" in msg and "needs about" in msg and "inference.memory_budget_mb" in msg
+        assert http("GET", d.url + "/health").status == 200
+    finally:
+        d.stop()

@@ -266,9 +266,8 @@ def test_build_params_caps_default_and_names_overflow() -> None:
         build_params(SamplingSpec(), n_prompt=2100, n_ctx=2048, max_tokens_default=256)
     with pytest.raises(ContextOverflowError, match=r"prompt has 2000 tokens and max_tokens is 100"):
         build_params(SamplingSpec(max_tokens=100), n_prompt=2000, n_ctx=2048, max_tokens_default=256)
-    with pytest.raises(ValidationError, match=r"num_ctx 8192 is larger than this model's context of 2048") as info:
-        build_params(SamplingSpec(num_ctx=8192), n_prompt=10, n_ctx=2048, max_tokens_default=256)
-    assert info.value.param == "num_ctx"
+    clamped = build_params(SamplingSpec(num_ctx=8192), n_prompt=10, n_ctx=2048, max_tokens_default=4096)
+    assert clamped.max_tokens == 2038  # num_ctx above the model's context is clamped, like Ollama
     small = build_params(SamplingSpec(num_ctx=100), n_prompt=90, n_ctx=2048, max_tokens_default=256)
     assert small.max_tokens == 10
 
