@@ -1,0 +1,138 @@
+"""The hand-built ONNX graph computes what the numpy reference computes, on a tiny random BERT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mongarsd.inference import onnx_convert as oc
+
+TINY = {
+    "model_type": "bert",
+    "hidden_act": "gelu",
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-12,
+    "vocab_size": 50,
+    "max_position_embeddings": 16,
+    "type_vocab_size": 2,
+}
+
+
+def _random_weights(cfg: oc.BertConfig, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+
+    def r(*shape: int) -> Any:
+        return rng.normal(0, 0.2, size=shape).astype(np.float32)
+
+    w = {
+        "embeddings.word_embeddings.weight": r(cfg.vocab_size, h),
+        "embeddings.position_embeddings.weight": r(cfg.max_position_embeddings, h),
+        "embeddings.token_type_embeddings.weight": r(cfg.type_vocab_size, h),
+        "embeddings.LayerNorm.weight": 1 + r(h),
+        "embeddings.LayerNorm.bias": r(h),
+    }
+    for i in range(cfg.num_layers):
+        p = f"encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            w[f"{p}attention.self.{name}.weight"] = r(h, h)
+            w[f"{p}attention.self.{name}.bias"] = r(h)
+        w[p + "attention.output.dense.weight"] = r(h, h)
+        w[p + "attention.output.dense.bias"] = r(h)
+        w[p + "attention.output.LayerNorm.weight"] = 1 + r(h)
+        w[p + "attention.output.LayerNorm.bias"] = r(h)
+        w[p + "intermediate.dense.weight"] = r(f, h)
+        w[p + "intermediate.dense.bias"] = r(f)
+        w[p + "output.dense.weight"] = r(h, f)
+        w[p + "output.dense.bias"] = r(h)
+        w[p + "output.LayerNorm.weight"] = 1 + r(h)
+        w[p + "output.LayerNorm.bias"] = r(h)
+    return w
+
+
+def _session(model: Any) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_graph_matches_reference_with_padding() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg)
+    model = oc.build_onnx_model(w, cfg)
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    ids = np.array([[1, 7, 9, 3, 2], [1, 4, 2, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+    types = np.array([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=np.int64)
+    hidden, sent = _session(model).run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    ref_hidden, ref_sent = oc.reference_forward(w, cfg, ids, mask, types)
+    assert hidden.shape == (2, 5, 32)
+    assert sent.shape == (2, 32)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=2e-4)
+    np.testing.assert_allclose(sent, ref_sent, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(sent, axis=1), 1.0, atol=1e-5)
+
+
+def test_padding_does_not_change_the_sentence_embedding() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg, seed=1)
+    sess = _session(oc.build_onnx_model(w, cfg))
+    short = {
+        "input_ids": np.array([[1, 4, 2]], dtype=np.int64),
+        "attention_mask": np.ones((1, 3), dtype=np.int64),
+        "token_type_ids": np.zeros((1, 3), dtype=np.int64),
+    }
+    padded = {
+        "input_ids": np.array([[1, 4, 2, 0, 0, 0]], dtype=np.int64),
+        "attention_mask": np.array([[1, 1, 1, 0, 0, 0]], dtype=np.int64),
+        "token_type_ids": np.zeros((1, 6), dtype=np.int64),
+    }
+    (a,) = sess.run(["sentence_embedding"], short)
+    (b,) = sess.run(["sentence_embedding"], padded)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_missing_tensor_is_a_conversion_error() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg)
+    del w["encoder.layer.1.output.dense.bias"]
+    with pytest.raises(oc.ConversionError, match=r"encoder\.layer\.1\.output\.dense\.bias"):
+        oc.build_onnx_model(w, cfg)
+
+
+def test_wrong_shape_is_a_conversion_error() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg)
+    w["encoder.layer.0.intermediate.dense.weight"] = np.zeros((3, 3), dtype=np.float32)
+    with pytest.raises(oc.ConversionError, match="shape"):
+        oc.build_onnx_model(w, cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"model_type": "roberta"}, "model_type"),
+        ({"num_attention_heads": 5}, "multiple"),
+        ({"position_embedding_type": "relative_key"}, "absolute"),
+        ({"hidden_size": "x"}, "config.json"),
+    ],
+)
+def test_unsupported_config_is_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(oc.ConversionError, match=message):
+        oc.BertConfig.from_dict({**TINY, **change})
+
+
+def test_reference_gelu_is_exact_erf_gelu() -> None:
+    x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0], dtype=np.float32)
+    # GELU values from the closed form with math.erf, independent of the helper.
+    import math
+
+    expected = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()]
+    np.testing.assert_allclose(oc._gelu_erf(x), expected, rtol=1e-6, atol=1e-7)
