@@ -108,6 +108,13 @@ MIGRATIONS: list[str] = [
     ) STRICT;
     CREATE INDEX feedback_user ON feedback(user, id);
     """,
+    # 3: statically registered mesh peers (owner: mesh)
+    """
+    CREATE TABLE peers (
+        url       TEXT PRIMARY KEY,
+        added_at  REAL NOT NULL
+    ) STRICT;
+    """,
 ]
 
 
