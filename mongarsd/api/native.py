@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of
 from mongarsd.api.io import get_bool, get_number, get_str, json_response, query_int, read_json
 from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ConversationPipeline, sanitize_message, validate_session_id
-from mongarsd.errors import OverloadedError, ValidationError
+from mongarsd.errors import MongarsError, OverloadedError, ValidationError
 from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, MEMORY_KINDS, Hippocampus
+
+log = structlog.get_logger("mongarsd.api.native")
 
 MAX_QUERY_CHARS = 2000
 MAX_HISTORY_LIMIT = 200
@@ -86,7 +89,14 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             else:
                 line = {**item.public(), "done": True}
             await resp.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-            item = await anext(events, None)
+            try:
+                item = await anext(events, None)
+            except MongarsError as err:
+                # Headers are sent: the failure becomes the last line (the turn was not stored).
+                log.warning("chat_stream_failed", user=user, error=str(err))
+                error = {"code": type(err).__name__, "message": str(err)}
+                await resp.write(json.dumps({"error": error, "done": True}).encode() + b"\n")
+                break
         await resp.write_eof()
         return resp
     finally:

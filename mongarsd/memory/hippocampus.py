@@ -33,7 +33,7 @@ MAX_RECALL_K = 100
 MAX_FTS_TERMS = 32
 MAX_MEMORY_CHARS = 8000
 MIN_TURN_MEMORY_WORDS = 3
-LOAD_BATCH_ROWS = 5000
+LOAD_BATCH_ROWS = 20000
 BACKFILL_BATCH = 32
 BACKFILL_ROUNDS_MAX = 64  # batches per purge round, so a huge backlog never hogs the embedder
 SEARCH_IN_THREAD_ROWS = 20000  # bigger partitions are scanned off the event loop (numpy drops the GIL)
@@ -271,6 +271,8 @@ class Hippocampus:
         now = time.time()
         last = 0
         loaded = skipped = 0
+        for row in await self._db.async_fetchall("SELECT user, count(*) AS n FROM memories WHERE embedding IS NOT NULL GROUP BY user"):
+            self.index.reserve(str(row["user"]), int(row["n"]))  # exact size: no doubling slack after a restart
         while True:
             rows = await self._db.async_fetchall(
                 "SELECT id, user, embedding, embed_model FROM memories WHERE id > ? AND embedding IS NOT NULL "

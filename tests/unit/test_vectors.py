@@ -102,3 +102,13 @@ def test_blob_roundtrip_and_wrong_length() -> None:
     back = from_blob(blob, DIM)
     assert back is not None and np.array_equal(back, v)
     assert from_blob(blob[:-4], DIM) is None
+
+
+def test_reserve_sizes_partition_exactly() -> None:
+    rng = np.random.default_rng(6)
+    idx = VectorIndex(DIM)
+    idx.reserve("u", 100)
+    idx.add("u", list(range(100)), _unit(rng, 100))
+    assert idx.nbytes() == 100 * (DIM * 4 + 8)  # no doubling slack
+    idx.add("u", [100], _unit(rng, 1))
+    assert idx.nbytes() == 200 * (DIM * 4 + 8)
