@@ -217,7 +217,13 @@ class Daemon:
 
     def _mesh_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
         """The peer mesh (gossip, discovery, scheduler) when mesh.enabled; its routes always."""
-        return []
+        from mongarsd.api import peers
+        from mongarsd.mesh.service import MeshService
+
+        mesh = MeshService(config=self.loaded.config, board=self.board, llm=ctx.llm, db=ctx.db, metrics=ctx.metrics)
+        ctx.mesh = mesh
+        route_setups.append(peers.setup_routes)
+        return [mesh]
 
     def _edge_services(self, ctx: AppContext) -> list[Service]:
         """Mesh advertisement and idle-time work: started once the API listens."""

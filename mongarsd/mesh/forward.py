@@ -1,0 +1,260 @@
+"""Signed node-to-node HTTP requests: signing, verification, and forwarding with failover.
+
+A forwarded request carries
+
+    X-Mongars-Node   sender node id          X-Mongars-Ts     sender wall clock, ms
+    X-Mongars-Nonce  32 random hex chars     X-Mongars-Hops   hops so far (>= 1)
+    X-Mongars-User   the origin user         X-Mongars-Sig    base64 Ed25519 signature
+
+The signature covers a domain tag, the target node id (so a request signed for one node cannot
+be replayed to another), method, path with query, timestamp, nonce, SHA-256 of the body, hops
+and origin user. The receiver looks the sender's public key up in live membership, refuses
+timestamps outside a window and nonces it has seen inside that window, then treats the request
+as the origin user with role `peer`. User bearer tokens never travel to peers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import ClientConnectionResetError, ClientError, ClientSession, ClientTimeout, web
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from mongarsd.errors import AuthError
+from mongarsd.mesh.identity import NodeIdentity, node_id_from_public_key
+
+H_NODE: Final = "X-Mongars-Node"
+H_TS: Final = "X-Mongars-Ts"
+H_NONCE: Final = "X-Mongars-Nonce"
+H_HOPS: Final = "X-Mongars-Hops"
+H_USER: Final = "X-Mongars-User"
+H_SIG: Final = "X-Mongars-Sig"
+H_SERVED_BY: Final = "X-Mongars-Served-By"
+SIGNED_HEADERS: Final = (H_NODE, H_TS, H_NONCE, H_HOPS, H_USER, H_SIG)
+
+SIGNATURE_DOMAIN: Final = b"mongarsd-forward-v1"
+MAX_CLOCK_SKEW_S: Final = 30.0
+REPLAY_CACHE_MAX: Final = 65536
+MAX_HOPS_HEADER: Final = 16
+MAX_USER_LEN: Final = 128
+
+_NODE_RE: Final = re.compile(r"[0-9a-f]{16}")
+_NONCE_RE: Final = re.compile(r"[0-9a-f]{32}")
+_TS_RE: Final = re.compile(r"[0-9]{1,15}")
+_USER_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+
+
+def signing_payload(*, target: str, method: str, path_qs: str, ts_ms: int, nonce: str, body: bytes, hops: int, user: str) -> bytes:
+    """Return the exact bytes a forwarded request's signature covers (pure)."""
+    parts = [SIGNATURE_DOMAIN, target.encode(), method.upper().encode(), path_qs.encode(), str(ts_ms).encode(), nonce.encode(), hashlib.sha256(body).hexdigest().encode(), str(hops).encode(), user.encode()]
+    return b"\n".join(parts)
+
+
+def sign_headers(identity: NodeIdentity, *, target: str, method: str, path_qs: str, body: bytes, hops: int, user: str, now_s: float | None = None) -> dict[str, str]:
+    """Return the headers that authenticate one request from this node to `target`."""
+    ts_ms = int((time.time() if now_s is None else now_s) * 1000)
+    nonce = secrets.token_hex(16)
+    payload = signing_payload(target=target, method=method, path_qs=path_qs, ts_ms=ts_ms, nonce=nonce, body=body, hops=hops, user=user)
+    return {
+        H_NODE: identity.node_id,
+        H_TS: str(ts_ms),
+        H_NONCE: nonce,
+        H_HOPS: str(hops),
+        H_USER: user,
+        H_SIG: base64.b64encode(identity.sign(payload)).decode("ascii"),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPeer:
+    """A request proven to come from `node_id`, on behalf of `user`, after `hops` hops."""
+
+    node_id: str
+    user: str
+    hops: int
+
+
+class ReplayCache:
+    """Nonces seen within the skew window, bounded (oldest evicted first)."""
+
+    def __init__(self, max_entries: int = REPLAY_CACHE_MAX) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._max = max_entries
+
+    def seen(self, key: str, now: float, ttl_s: float) -> bool:
+        """Return True if `key` was seen and not expired; else remember it."""
+        while self._seen:
+            oldest, expiry = next(iter(self._seen.items()))
+            if expiry > now:
+                break
+            del self._seen[oldest]
+        if key in self._seen:
+            return True
+        self._seen[key] = now + ttl_s
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class RequestVerifier:
+    """Check signed peer requests against live membership keys (loop-only)."""
+
+    def __init__(
+        self,
+        *,
+        local_node_id: str,
+        public_key_of: Callable[[str], bytes | None],
+        clock: Callable[[], float] = time.time,
+        max_skew_s: float = MAX_CLOCK_SKEW_S,
+        replay: ReplayCache | None = None,
+    ) -> None:
+        self._local = local_node_id
+        self._key_of = public_key_of
+        self._clock = clock
+        self._skew = max_skew_s
+        self._replay = replay if replay is not None else ReplayCache()
+        self.rejected: dict[str, int] = {}
+
+    def _reject(self, reason: str, message: str) -> AuthError:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return AuthError(f"peer request refused: {message}")
+
+    def verify(self, *, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> VerifiedPeer:
+        """Return who sent this request or raise AuthError (401) saying why."""
+        node = headers.get(H_NODE, "")
+        ts = headers.get(H_TS, "")
+        nonce = headers.get(H_NONCE, "")
+        hops_s = headers.get(H_HOPS, "")
+        user = headers.get(H_USER, "")
+        sig_b64 = headers.get(H_SIG, "")
+        if not (_NODE_RE.fullmatch(node) and _TS_RE.fullmatch(ts) and _NONCE_RE.fullmatch(nonce) and hops_s.isdigit() and _USER_RE.fullmatch(user)):
+            raise self._reject("malformed", "malformed X-Mongars-* headers")
+        hops = int(hops_s)
+        if not 1 <= hops <= MAX_HOPS_HEADER:
+            raise self._reject("malformed", "hop count out of range")
+        try:
+            sig = base64.b64decode(sig_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise self._reject("malformed", "signature is not base64") from None
+        if len(sig) != 64:
+            raise self._reject("malformed", "signature has the wrong length")
+        now = self._clock()
+        if abs(now - int(ts) / 1000.0) > self._skew:
+            raise self._reject("stale", f"timestamp outside the {self._skew:g} s window (check the clocks)")
+        key = self._key_of(node)
+        if key is None or node_id_from_public_key(key) != node:
+            raise self._reject("unknown_node", f"node {node} is not a live member of this mesh")
+        payload = signing_payload(target=self._local, method=method, path_qs=path_qs, ts_ms=int(ts), nonce=nonce, body=body, hops=hops, user=user)
+        try:
+            VerifyKey(key).verify(payload, sig)
+        except BadSignatureError:
+            raise self._reject("bad_signature", "signature does not verify") from None
+        # Only a verified request consumes its nonce, so forged copies cannot burn real ones.
+        if self._replay.seen(f"{node}:{nonce}", now, 2 * self._skew):
+            raise self._reject("replay", "request replayed")
+        return VerifiedPeer(node_id=node, user=user, hops=hops)
+
+
+# --- the HTTP side -------------------------------------------------------------------------
+
+FORWARD_CONNECT_TIMEOUT_S: Final = 3.0
+FORWARD_READ_TIMEOUT_S: Final = 120.0  # longest silence from a peer before it counts as failed
+MAX_FORWARD_RESPONSE_BYTES: Final = 16 * 1024 * 1024  # non-streamed answers are buffered
+STREAM_CHUNK_BYTES: Final = 16384
+# Statuses after which another node may do better: we were refused (auth, load) or it broke.
+RETRY_STATUSES: Final = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+BREAKER_STATUSES: Final = frozenset({500, 502, 503, 504})
+_PASS_HEADERS: Final = ("Content-Type", "Cache-Control", H_SERVED_BY, "X-Accel-Buffering", "Retry-After")
+
+
+class PeerFailure(Exception):
+    """A forward failed before any byte reached the client; another node may be tried.
+
+    `breaker` says whether it counts against the peer's circuit breaker (connection errors,
+    timeouts, 5xx) or not (the peer answered sensibly: busy, model gone, refused).
+    """
+
+    def __init__(self, reason: str, *, breaker: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.breaker = breaker
+
+
+class ClientGone(Exception):
+    """The client disconnected while we relayed a stream."""
+
+
+async def async_relay(session: ClientSession, *, url: str, request: web.Request, body: bytes, headers: Mapping[str, str], stream: bool) -> web.StreamResponse:
+    """POST to a peer; raise PeerFailure until the first byte, then pass the stream through.
+
+    A non-streamed answer is read whole (capped) before we answer, so any failure is retryable.
+    A streamed one is committed to the client at its first chunk; a failure after that ends the
+    client's stream (SSE/NDJSON clients see it end early) and is counted, not retried.
+    """
+    timeout = ClientTimeout(total=None, connect=FORWARD_CONNECT_TIMEOUT_S, sock_connect=FORWARD_CONNECT_TIMEOUT_S, sock_read=FORWARD_READ_TIMEOUT_S)
+    try:
+        upstream = await session.post(url, data=body, headers={**headers, "Content-Type": request.headers.get("Content-Type", "application/json")}, timeout=timeout)
+    except (ClientError, TimeoutError, OSError) as err:
+        raise PeerFailure(f"connect: {type(err).__name__}", breaker=True) from err
+    async with upstream:
+        if upstream.status in RETRY_STATUSES:
+            raise PeerFailure(f"status {upstream.status}", breaker=upstream.status in BREAKER_STATUSES)
+        out_headers = {k: upstream.headers[k] for k in _PASS_HEADERS if k in upstream.headers}
+        if not stream:
+            try:
+                data = await upstream.content.read(MAX_FORWARD_RESPONSE_BYTES + 1)
+            except (ClientError, TimeoutError, OSError) as err:
+                raise PeerFailure(f"read: {type(err).__name__}", breaker=True) from err
+            if len(data) > MAX_FORWARD_RESPONSE_BYTES:
+                raise PeerFailure("response too large", breaker=False)
+            ctype = out_headers.pop("Content-Type", "application/json")
+            resp = web.Response(status=upstream.status, body=data, headers=out_headers)
+            resp.headers["Content-Type"] = ctype
+            return resp
+        try:
+            first = await upstream.content.readany()
+        except (ClientError, TimeoutError, OSError) as err:
+            raise PeerFailure(f"first byte: {type(err).__name__}", breaker=True) from err
+        if not first:
+            raise PeerFailure("empty stream", breaker=True)
+        sresp = web.StreamResponse(status=upstream.status, headers=out_headers)
+        try:
+            await sresp.prepare(request)
+            await sresp.write(first)
+        except (ConnectionResetError, ClientConnectionResetError) as err:
+            raise ClientGone() from err
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (ClientError, TimeoutError, OSError) as err:
+                raise StreamBroken(sresp, f"mid-stream: {type(err).__name__}") from err
+            if not chunk:
+                break
+            try:
+                await sresp.write(chunk)
+            except (ConnectionResetError, ClientConnectionResetError) as err:
+                raise ClientGone() from err
+        await sresp.write_eof()
+        return sresp
+
+
+class StreamBroken(Exception):
+    """The peer failed after the stream was committed to the client; `response` is prepared."""
+
+    def __init__(self, response: web.StreamResponse, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason

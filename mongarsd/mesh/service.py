@@ -1,0 +1,777 @@
+"""MeshService: identity, keyring, gossip, discovery, state publishing and request forwarding.
+
+With `mesh.enabled = false` only the identity is loaded (so the node id is stable) and the peer
+routes still answer: the list shows this node alone and registered peers are stored. With the
+mesh enabled the service joins the encrypted SWIM mesh, finds peers over mDNS and static
+seeds/registered URLs, gossips this node's load once a second when it changes, and routes whole
+generation requests to the best node (see scheduler.py), signed with this node's identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import psutil
+import structlog
+from aiohttp import web
+
+from mongarsd import __version__
+from mongarsd.api.auth import PRINCIPAL, Principal
+from mongarsd.errors import ConfigError, MeshError, WireError
+from mongarsd.mesh import const
+from mongarsd.mesh.breaker import BreakerBoard, BreakerState
+from mongarsd.mesh.discovery import Discovery, ServiceProps
+from mongarsd.mesh.forward import (
+    H_SIG,
+    ClientGone,
+    PeerFailure,
+    RequestVerifier,
+    StreamBroken,
+    async_relay,
+    sign_headers,
+)
+from mongarsd.mesh.gossip import PRESETS, GossipNode, MemberView
+from mongarsd.mesh.identity import NodeIdentity
+from mongarsd.mesh.interfaces import async_select_host_interfaces
+from mongarsd.mesh.keyring import Keyring, key_id
+from mongarsd.mesh.membership import EventKind
+from mongarsd.mesh.peers import PeerStore, StaticPeer, url_host_port
+from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank
+from mongarsd.mesh.state import encode_state
+from mongarsd.mesh.transport import UdpTcpTransport, free_port
+from mongarsd.mesh.wire import Addr
+
+log = structlog.get_logger("mongarsd.mesh")
+
+MESH_DIR: Final = "mesh"
+IDENTITY_FILE: Final = "identity.key"
+KEYRING_FILE: Final = "keyring.json"
+PUBLISH_INTERVAL_S: Final = 1.0
+TOKENS_EWMA_ALPHA: Final = 0.3
+STATIC_REJOIN_INTERVAL_S: Final = 30.0
+HELLO_TIMEOUT_S: Final = 3.0
+MESSAGE_TIMEOUT_S: Final = 5.0
+INBOX_MAX: Final = 64
+MAX_JOIN_TASKS: Final = 32
+MAX_MODEL_IDS: Final = 16
+THROTTLE_FALLBACK_C: Final = 80.0
+PERSONA_MODEL_ID: Final = "mongars"  # runs the caller's memory pipeline: never leaves this node
+REQ_HOPS: Final = "mongarsd_mesh_hops"
+REQ_SENDER: Final = "mongarsd_mesh_sender"
+ALIVE_STATES: Final = frozenset({"alive", "suspect"})
+
+
+def mesh_dir(state_dir: Path) -> Path:
+    return state_dir / MESH_DIR
+
+
+def keyring_path(state_dir: Path) -> Path:
+    return mesh_dir(state_dir) / KEYRING_FILE
+
+
+def read_temperature() -> tuple[float | None, bool]:
+    """Return (hottest sensor °C, throttled) from psutil when the platform has sensors (blocking; thread)."""
+    read = getattr(psutil, "sensors_temperatures", None)
+    if read is None:
+        return None, False
+    try:
+        sensors = read()
+    except (OSError, RuntimeError):  # unreadable sysfs entries on some boards
+        return None, False
+    hottest: float | None = None
+    throttled = False
+    for entries in sensors.values():
+        for e in entries:
+            if e.current is None or not math.isfinite(e.current):
+                continue
+            hottest = e.current if hottest is None else max(hottest, e.current)
+            limit = e.high if e.high else THROTTLE_FALLBACK_C
+            throttled = throttled or e.current >= limit
+    return hottest, throttled
+
+
+def fit_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop available-model ids until the state encodes within the gossip cap (pure)."""
+    out = dict(state)
+    while True:
+        try:
+            encode_state(out)
+            return out
+        except WireError:
+            avail = list(out.get("models_available") or [])
+            if avail:
+                out["models_available"] = avail[:-1]
+                continue
+            loaded = list(out.get("models_loaded") or [])
+            if loaded:
+                out["models_loaded"] = loaded[:-1]
+                continue
+            raise
+
+
+class _LocalStats:
+    """Live load of this node from the InferenceManager, with a tokens/s EWMA (loop-only)."""
+
+    def __init__(self, llm: Any, slots_default: int) -> None:
+        self._llm = llm
+        self._slots_default = max(1, slots_default)
+        self._last: tuple[float, float] | None = None  # (tokens, seconds) totals
+        self.tokens_per_s = 0.0
+        self.available: list[str] = []
+
+    def _engine_totals(self) -> tuple[float, float]:
+        tokens = seconds = 0.0
+        # The manager has no public per-engine counters yet; read them defensively.
+        for lm in list(getattr(self._llm, "_models", {}).values()):
+            engine = getattr(lm, "engine", None)
+            if engine is None:
+                continue
+            stats = engine.stats()
+            tokens += float(stats.tokens_predicted_total)
+            seconds += float(stats.tokens_predicted_seconds_total)
+        return tokens, seconds
+
+    def sample_rate(self) -> None:
+        """Fold the decode rate since the last sample into the EWMA."""
+        if self._llm is None:
+            return
+        totals = self._engine_totals()
+        if self._last is not None:
+            dt, ds = totals[0] - self._last[0], totals[1] - self._last[1]
+            if dt > 0 and ds > 0:
+                rate = dt / ds
+                self.tokens_per_s = rate if self.tokens_per_s <= 0 else (1 - TOKENS_EWMA_ALPHA) * self.tokens_per_s + TOKENS_EWMA_ALPHA * rate
+        elif totals[0] > 0 and totals[1] > 0:
+            self.tokens_per_s = totals[0] / totals[1]
+        self._last = totals
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return loaded models, slots and queue right now."""
+        loaded: list[str] = []
+        slots_total = slots_busy = deferred = 0
+        if self._llm is not None:
+            for info in self._llm.loaded():
+                loaded.append(info.entry.id)
+                slots_total += int(info.slots_total)
+                slots_busy += int(info.slots_busy)
+                deferred += int(info.requests_deferred)
+        if not loaded:
+            slots_total = self._slots_default
+        return {
+            "models_loaded": loaded,
+            "models_available": list(self.available),
+            "slots_total": slots_total,
+            "slots_free": max(0, slots_total - slots_busy),
+            "queue_depth": deferred,
+        }
+
+
+class MeshService:
+    """The peer mesh: membership, discovery, scheduling and signed forwarding."""
+
+    name = "mesh"
+    start_timeout_s = 30.0
+    stop_timeout_s = 15.0
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        board: Any = None,
+        llm: Any = None,
+        db: Any = None,
+        metrics: Any = None,
+        machine_id_path: Path = Path(const.MACHINE_ID_PATH),
+        api_port: int | None = None,
+        version: str = __version__,
+    ) -> None:
+        self._cfg = config
+        self._mcfg = config.mesh
+        self._board = board
+        self._llm = llm
+        self._metrics = metrics
+        self._machine_id_path = machine_id_path
+        self._api_port = api_port if api_port is not None else int(config.server.port)
+        self._version = version
+        self._state_dir = Path(config.server.state_dir)
+        self.store = PeerStore(db=db) if db is not None else None
+        self.identity: NodeIdentity | None = None
+        self.keyring: Keyring | None = None
+        self.gossip: GossipNode | None = None
+        self.discovery: Discovery | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._verifier: RequestVerifier | None = None
+        self.breakers = BreakerBoard()
+        self._local = _LocalStats(llm, int(getattr(config.inference, "slots", 4)))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: Counter[str] = Counter()
+        self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
+        self.counters: Counter[str] = Counter()
+        self.forward_failures: Counter[str] = Counter()
+        self.forwards: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self._last_state: dict[str, Any] | None = None
+        self._api_host = ""
+        self._started = False
+        self._left = False
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._mcfg.enabled)
+
+    @property
+    def running(self) -> bool:
+        """Whether this node is in the mesh now (enabled, started, not left)."""
+        return self.gossip is not None and self._started and not self._left
+
+    @property
+    def node_id(self) -> str | None:
+        return self.identity.node_id if self.identity is not None else None
+
+    async def async_start(self) -> None:
+        if self._started:
+            return
+        self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, mesh_dir(self._state_dir) / IDENTITY_FILE, machine_id_path=self._machine_id_path)
+        if not self.enabled:
+            self._started = True
+            log.info("mesh_disabled", node=self.identity.node_id)
+            return
+        try:
+            await self._async_start_mesh()
+        except BaseException:
+            await self.async_stop()
+            raise
+        self._started = True
+
+    async def async_stop(self) -> None:
+        """Leave the mesh gracefully and release everything (idempotent)."""
+        self._started = False
+        if self._metrics is not None:
+            self._metrics.remove_source(self._metrics_source)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._async_stop_protocols()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def async_leave(self) -> bool:
+        """Leave the mesh gracefully now (peers see a LEAVE, not a failure); False if not in it."""
+        if not self.running:
+            return False
+        self._left = True
+        await self._async_stop_protocols()
+        log.info("mesh_left", node=self.node_id)
+        return True
+
+    def members(self) -> list[MemberView]:
+        return self.gossip.members() if self.gossip is not None and not self._left else []
+
+    def local_load(self) -> NodeLoad:
+        """Return this node's load from live engine stats (fresher than its gossip)."""
+        snap = self._local.snapshot()
+        temp_throttled = bool(self._last_state.get("throttled")) if self._last_state else False
+        return NodeLoad(
+            node_id=self.node_id or "local",
+            local=True,
+            models_available=frozenset(snap["models_available"]) | frozenset(snap["models_loaded"]),
+            models_loaded=frozenset(snap["models_loaded"]),
+            slots_total=snap["slots_total"],
+            slots_free=snap["slots_free"],
+            queue_depth=snap["queue_depth"],
+            tokens_per_s=self._local.tokens_per_s,
+            throttled=temp_throttled,
+        )
+
+    def load_snapshot(self) -> dict[str, Any]:
+        """This node's load in monGARS's /peer/load field names plus mongarsd's."""
+        load = self.local_load()
+        busy = load.busy_slots
+        return {
+            "scheduler_id": self.node_id,
+            "queue_depth": load.queue_depth,
+            "active_workers": busy,
+            "concurrency": load.slots_total,
+            "load_factor": round((load.queue_depth + busy) / max(1, load.slots_total), 4),
+            "slots_total": load.slots_total,
+            "slots_free": load.slots_free,
+            "tokens_per_s": round(load.tokens_per_s, 3),
+            "models_loaded": sorted(load.models_loaded),
+        }
+
+    async def async_static_peers(self) -> list[StaticPeer]:
+        return await self.store.async_list() if self.store is not None else []
+
+    async def async_register(self, url: str) -> tuple[bool, bool]:
+        """Persist a static peer URL; join it now when in the mesh. Return (added, joined)."""
+        if self.store is None:
+            raise MeshError("no store to persist registered peers")
+        added = await self.store.async_add(url)
+        joined = await self._async_join_url(url) if self.running else False
+        return added, joined
+
+    async def async_unregister(self, url: str) -> bool:
+        if self.store is None:
+            raise MeshError("no store to persist registered peers")
+        return await self.store.async_remove(url)
+
+    def hello(self) -> dict[str, Any]:
+        """What a node tells anyone who asks (the same facts its mDNS TXT publishes)."""
+        return {
+            "node_id": self.node_id,
+            "fingerprint": self.identity.fingerprint if self.identity is not None else None,
+            "version": self._version,
+            "mesh": self.running,
+            "gossip_port": self.gossip.addr[1] if self.gossip is not None and self.running else None,
+            "ck": self.keyring.primary_key_id.hex() if self.keyring is not None and self.running else None,
+        }
+
+    # --- auth hook ----------------------------------------------------------------------------
+
+    async def async_authenticate(self, request: web.Request) -> Principal | None:
+        """Return the peer principal of a node-signed request, None if unsigned; AuthError if bad.
+
+        The lead calls this first in middlewares `_authenticate`.
+        """
+        if H_SIG not in request.headers:
+            return None
+        verifier = self._verifier
+        if verifier is None or not self.running:
+            from mongarsd.errors import AuthError
+
+            raise AuthError("peer-signed request, but this node is not in a mesh")
+        body = await request.read()
+        peer = verifier.verify(method=request.method, path_qs=request.path_qs, headers=request.headers, body=body)
+        request[REQ_HOPS] = peer.hops
+        request[REQ_SENDER] = peer.node_id
+        return Principal(user=peer.user, role="peer", token_id=f"peer:{peer.node_id}", loopback=False)
+
+    # --- forwarding ---------------------------------------------------------------------------
+
+    def plan(self, *, model: str, hops: int = 0, exclude: Iterable[str] = (), expected_tokens: int = 128) -> list[NodeLoad]:
+        """Return the nodes to try for a request, best first (this node always included)."""
+        peers = [load_from_state(m.node_id, m.meta, pending=self._pending[m.node_id]) for m in self.members() if m.state == "alive" and m.node_id != self.node_id]
+        ranked = rank(
+            self.local_load(),
+            peers,
+            model=model,
+            hops=hops,
+            hop_limit=int(self._mcfg.hop_limit),
+            expected_tokens=expected_tokens,
+            breaker_available=self.breakers.available,
+            exclude=exclude,
+        )
+        return [r.node for r in ranked]
+
+    async def async_maybe_forward(self, request: web.Request, body: dict[str, Any], *, model: str, stream: bool) -> web.StreamResponse | None:
+        """Serve the request on a better peer and return its response, or None to run it here."""
+        if not self.running or self._session is None or self.identity is None or model == PERSONA_MODEL_ID:
+            return None
+        principal = request.get(PRINCIPAL)
+        if not isinstance(principal, Principal):
+            return None
+        hops = int(request.get(REQ_HOPS, 0))
+        sender = request.get(REQ_SENDER)
+        order = self.plan(model=model, hops=hops, exclude=[sender] if isinstance(sender, str) else [], expected_tokens=expected_tokens_of(body))
+        if order[0].local:
+            return None
+        raw = await request.read()
+        for node in order:
+            if node.local:
+                break  # the peers worth trying failed; run here
+            resp = await self._async_try_peer(request, node.node_id, raw, hops=hops, user=principal.user, stream=stream)
+            if resp is not None:
+                return resp
+        self.counters["forward_fallback_local"] += 1
+        return None
+
+    async def _async_try_peer(self, request: web.Request, node_id: str, raw: bytes, *, hops: int, user: str, stream: bool) -> web.StreamResponse | None:
+        member = self.gossip.member(node_id) if self.gossip is not None else None
+        if member is None or member.state != "alive" or self._session is None or self.identity is None:
+            return None
+        host, port = member.meta.get("api_host"), member.meta.get("api_port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            return None
+        breaker = self.breakers.get(node_id)
+        if not breaker.allow():
+            return None
+        url_host = f"[{host}]" if ":" in host else host
+        url = f"http://{url_host}:{port}{request.path_qs}"
+        headers = sign_headers(self.identity, target=node_id, method=request.method, path_qs=request.path_qs, body=raw, hops=hops + 1, user=user)
+        self._pending[node_id] += 1
+        t0 = time.monotonic()
+        try:
+            resp = await async_relay(self._session, url=url, request=request, body=raw, headers=headers, stream=stream)
+        except PeerFailure as err:
+            if err.breaker:
+                breaker.record_failure()
+            else:
+                breaker.record_success()  # it answered: alive, merely unable to take this one
+            self.forward_failures[err.reason.split(":")[0].split(" ")[0]] += 1
+            log.warning("mesh_forward_failed", peer=node_id, addr=f"{host}:{port}", reason=err.reason, breaker=breaker.state.value)
+            return None
+        except StreamBroken as err:
+            breaker.record_failure()
+            self.forward_failures["mid_stream"] += 1
+            log.warning("mesh_forward_broken_mid_stream", peer=node_id, addr=f"{host}:{port}", reason=err.reason)
+            return err.response
+        except ClientGone:
+            breaker.record_success()
+            self.counters["forward_client_gone"] += 1
+            raise ConnectionResetError("client went away during a forwarded stream") from None
+        except BaseException:
+            breaker.release()
+            raise
+        finally:
+            self._pending[node_id] -= 1
+            if self._pending[node_id] <= 0:
+                del self._pending[node_id]
+        breaker.record_success()
+        self.forwards[node_id] += 1
+        log.info("mesh_forwarded", peer=node_id, path=request.path, stream=stream, status=resp.status, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
+        return resp
+
+    # --- messages -----------------------------------------------------------------------------
+
+    def receive_message(self, *, sender: str, user: str, message: Any) -> dict[str, Any]:
+        item = {"from": sender, "user": user, "received_at": time.time(), "message": message}
+        self.inbox.append(item)
+        self.counters["messages_received"] += 1
+        log.info("mesh_message_received", sender=sender, user=user)
+        return item
+
+    async def async_send_message(self, node_id: str, message: Any, *, user: str) -> int:
+        """POST a small JSON message to a member's /api/v1/peer/message, signed; return its status."""
+        import json
+
+        member = self.gossip.member(node_id) if self.gossip is not None and self.running else None
+        if member is None or member.state != "alive" or self._session is None or self.identity is None:
+            raise MeshError(f"node {node_id} is not an alive member")
+        host, port = member.meta.get("api_host"), member.meta.get("api_port")
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise MeshError(f"node {node_id} publishes no API address")
+        path = "/api/v1/peer/message"
+        raw = json.dumps({"message": message}).encode()
+        headers = sign_headers(self.identity, target=node_id, method="POST", path_qs=path, body=raw, hops=1, user=user)
+        headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.post(f"http://{host}:{port}{path}", data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=MESSAGE_TIMEOUT_S)) as resp:
+                await resp.read()
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise MeshError(f"cannot reach node {node_id}: {type(err).__name__}") from err
+
+    # --- startup ------------------------------------------------------------------------------
+
+    async def _async_start_mesh(self) -> None:
+        assert self.identity is not None
+        mcfg = self._mcfg
+        path = keyring_path(self._state_dir)
+        if not await asyncio.to_thread(path.exists):
+            raise ConfigError(
+                f"mesh.enabled is true but there is no cluster keyring at {path}. Create one on the first node with "
+                f"`mongarsd keys generate --state-dir {self._state_dir}` and copy the key it prints to the others with "
+                f"`mongarsd keys install KEY --state-dir DIR`"
+            )
+        self.keyring = await asyncio.to_thread(Keyring.load, path)
+        timing = PRESETS.get(str(mcfg.timing))
+        if timing is None:
+            raise ConfigError(f"mesh.timing must be one of {sorted(PRESETS)}, not {mcfg.timing!r}")
+        selection = await async_select_host_interfaces(tuple(mcfg.interfaces), skip_virtual=bool(mcfg.skip_virtual_interfaces))
+        addrs = [a for i in selection.chosen for a in i.addresses("v4")]
+        advertise_ip = str(mcfg.advertise_host) or (addrs[0] if addrs else "127.0.0.1")
+        port = int(mcfg.gossip_port) or await asyncio.to_thread(free_port, str(mcfg.bind_host))
+        self._api_host = self._api_host_for(advertise_ip)
+        self._local.available = await self._async_available_models()
+        state = await self._async_compute_state()
+        self.gossip = GossipNode(
+            identity=self.identity,
+            keyring=self.keyring,
+            transport=UdpTcpTransport(bind_host=str(mcfg.bind_host), port=port),
+            cluster_label=str(mcfg.cluster_label),
+            timing=timing,
+            advertise_addr=(advertise_ip, port),
+            state=state,
+        )
+        self._last_state = state
+        await self.gossip.async_start()
+        gossip = self.gossip
+        self._verifier = RequestVerifier(local_node_id=self.identity.node_id, public_key_of=self._public_key_of)
+        self._session = aiohttp.ClientSession()
+        if mcfg.mdns or mcfg.seeds:
+            props = ServiceProps(
+                version=self._version,
+                board=str(getattr(self._board, "profile", "generic") or "generic"),
+                api_port=self._api_port if 0 < self._api_port < 65536 else 8642,
+                gossip_port=port,
+                fingerprint=self.identity.fingerprint,
+                cluster_key_id=self.keyring.primary_key_id.hex(),
+            )
+            self.discovery = Discovery(
+                node_id=self.identity.node_id,
+                props=props,
+                interfaces=selection.chosen,
+                on_found=self._on_found,
+                on_lost=self._on_lost,
+                seeds=tuple(mcfg.seeds),
+                on_seed=self._on_seed,
+                advertise_addresses=[advertise_ip] if mcfg.advertise_host else None,
+                mdns=bool(mcfg.mdns),
+            )
+            await self.discovery.async_start()
+        self._spawn(self._async_publish_loop(), "mesh-publish")
+        self._spawn(self._async_event_loop(gossip), "mesh-events")
+        self._spawn(self._async_static_loop(), "mesh-static-peers")
+        if self._metrics is not None:
+            self._metrics.add_source(self._metrics_source)
+        log.info(
+            "mesh_service_started",
+            node=self.identity.node_id,
+            gossip=f"{advertise_ip}:{port}",
+            api=f"{self._api_host}:{self._api_port}" if self._api_host else None,
+            interfaces=list(selection.names),
+            timing=mcfg.timing,
+            ck=self.keyring.primary_key_id.hex(),
+        )
+
+    def _api_host_for(self, advertise_ip: str) -> str:
+        host = str(self._cfg.server.host)
+        if host in ("", "0.0.0.0", "::"):
+            return advertise_ip
+        try:
+            if ipaddress.ip_address(host).is_loopback and not ipaddress.ip_address(advertise_ip).is_loopback:
+                log.warning("mesh_api_on_loopback", host=host, hint="peers cannot forward requests to this node; listen on 0.0.0.0 or the LAN address")
+                return ""
+        except ValueError:
+            pass  # a host name: publish it as is
+        return host
+
+    async def _async_stop_protocols(self) -> None:
+        if self.discovery is not None:
+            disc, self.discovery = self.discovery, None
+            try:
+                await disc.async_stop()
+            except (MeshError, OSError) as err:  # keep stopping the rest
+                log.warning("mesh_discovery_stop_failed", error=str(err))
+        if self.gossip is not None:
+            await self.gossip.async_stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("mesh_task_crashed", task=t.get_name(), error=repr(t.exception()))
+
+        task.add_done_callback(done)
+
+    def _public_key_of(self, node_id: str) -> bytes | None:
+        m = self.gossip.member(node_id) if self.gossip is not None else None
+        return m.public_key if m is not None and m.state in ALIVE_STATES else None
+
+    # --- state publishing ---------------------------------------------------------------------
+
+    async def _async_available_models(self) -> list[str]:
+        registry = getattr(self._llm, "registry", None)
+        if registry is None:
+            return []
+        try:
+            entries = await asyncio.to_thread(registry.list)
+        except OSError as err:  # models dir unreadable: publish nothing available
+            log.warning("mesh_models_unreadable", error=str(err))
+            return []
+        return [e.id for e in entries][:MAX_MODEL_IDS]
+
+    async def _async_compute_state(self) -> dict[str, Any]:
+        self._local.sample_rate()
+        snap = self._local.snapshot()
+        temp, throttled = await asyncio.to_thread(read_temperature)
+        state: dict[str, Any] = {
+            "version": self._version,
+            "board": str(getattr(self._board, "profile", "generic") or "generic"),
+            "models_loaded": snap["models_loaded"][:MAX_MODEL_IDS],
+            "models_available": snap["models_available"][:MAX_MODEL_IDS],
+            "slots_total": snap["slots_total"],
+            "slots_free": snap["slots_free"],
+            "queue_depth": snap["queue_depth"],
+            "tokens_per_s": round(self._local.tokens_per_s, 1),
+            "throttled": throttled,
+        }
+        if temp is not None:
+            state["temperature_c"] = round(temp)
+        if self._api_host and 0 < self._api_port < 65536:
+            state["api_host"] = self._api_host
+            state["api_port"] = self._api_port
+        return fit_state(state)
+
+    async def _async_publish_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            if not self.running or self.gossip is None:
+                continue
+            ticks += 1
+            if ticks % 30 == 0:
+                self._local.available = await self._async_available_models()
+            state = await self._async_compute_state()
+            if state != self._last_state:
+                try:
+                    self.gossip.set_local_state(state)
+                except WireError as err:  # our own state is invalid: a bug, but never fatal
+                    log.error("mesh_state_rejected", error=str(err))
+                    continue
+                self._last_state = state
+
+    async def _async_event_loop(self, gossip: GossipNode) -> None:
+        q = gossip.subscribe()
+        try:
+            while True:
+                ev = await q.get()
+                self.events[ev.kind.value] += 1
+                m = ev.member
+                if ev.kind in (EventKind.FAIL, EventKind.LEAVE):
+                    self._pending.pop(m.node_id, None)
+                if ev.kind is EventKind.UPDATE:
+                    log.debug("mesh_member_updated", peer=m.node_id, incarnation=m.incarnation)
+                else:
+                    log.info("mesh_member_" + ev.kind.value, peer=m.node_id, addr=f"{m.addr[0]}:{m.addr[1]}", state=m.state)
+        finally:
+            gossip.unsubscribe(q)
+
+    # --- discovery callbacks and joins --------------------------------------------------------
+
+    def _our_key_ids(self) -> set[str]:
+        if self.keyring is None:
+            return set()
+        installed = self.keyring.keys()
+        return {key_id(k).hex() for k in installed}
+
+    def _is_alive_member(self, node_id: str) -> bool:
+        m = self.gossip.member(node_id) if self.gossip is not None else None
+        return m is not None and m.state == "alive"
+
+    def _on_found(self, node_id: str, addresses: tuple[str, ...], props: ServiceProps) -> None:
+        if props.cluster_key_id not in self._our_key_ids():
+            self.counters["discovery_refused_cluster_key"] += 1
+            log.info("mesh_peer_refused", peer=node_id, reason="cluster_key", ck=props.cluster_key_id)
+            return
+        if node_id == self.node_id or self._is_alive_member(node_id):
+            return
+        self._spawn_join([(a, props.gossip_port) for a in addresses], f"mesh-join-{node_id}")
+
+    def _on_lost(self, node_id: str) -> None:
+        log.info("mesh_peer_unannounced", peer=node_id)
+
+    def _on_seed(self, addr: Addr) -> None:
+        self._spawn_join([addr], f"mesh-join-seed-{addr[0]}:{addr[1]}")
+
+    def _spawn_join(self, addrs: list[Addr], name: str) -> None:
+        if not self.running or len(self._tasks) >= MAX_JOIN_TASKS:
+            return
+        self._spawn(self._async_join_first(addrs), name)
+
+    async def _async_join_first(self, addrs: list[Addr]) -> None:
+        """Join through the first address that answers (addresses are ranked by discovery)."""
+        for addr in addrs:
+            if self.gossip is None or not self.running:
+                return
+            if await self.gossip.async_join([addr]) > 0:
+                self.counters["joins_ok"] += 1
+                return
+        self.counters["joins_failed"] += 1
+
+    async def _async_join_url(self, url: str) -> bool:
+        """Ask a registered peer URL for its gossip port and join it; False when it fails."""
+        if self._session is None or not self.running:
+            return False
+        host, _port = url_host_port(url)
+        try:
+            async with self._session.get(f"{url}/api/v1/peer/hello", timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S)) as resp:
+                if resp.status != 200:
+                    return False
+                hello = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            log.info("mesh_static_peer_unreachable", url=url, error=type(err).__name__)
+            return False
+        if not isinstance(hello, dict) or hello.get("ck") not in self._our_key_ids() or not isinstance(hello.get("gossip_port"), int):
+            log.info("mesh_static_peer_refused", url=url, reason="cluster_key_or_not_meshed")
+            return False
+        if hello.get("node_id") == self.node_id or self._is_alive_member(str(hello.get("node_id"))):
+            return True
+        ok = await self.gossip.async_join([(host, int(hello["gossip_port"]))]) if self.gossip is not None else 0
+        return ok > 0
+
+    async def _async_static_loop(self) -> None:
+        while True:
+            for peer in await self.async_static_peers():
+                if self.running:
+                    await self._async_join_url(peer.url)
+            await asyncio.sleep(STATIC_REJOIN_INTERVAL_S)
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def _metrics_source(self) -> Iterable[tuple[str, str, str, float, dict[str, str]]]:
+        if self.gossip is not None:
+            gm = self.gossip.metrics()
+            for state, n in gm["members"].items():
+                yield ("mongarsd_mesh_members", "gauge", "Mesh members by state (this node included).", float(n), {"state": state})
+            for direction in ("sent", "received"):
+                yield ("mongarsd_mesh_packets_total", "counter", "Gossip packets.", float(gm[f"packets_{direction}"]), {"direction": direction})
+                yield ("mongarsd_mesh_bytes_total", "counter", "Gossip bytes.", float(gm[f"bytes_{direction}"]), {"direction": direction})
+            for reason, n in gm["drops"].items():
+                yield ("mongarsd_mesh_drops_total", "counter", "Gossip packets dropped, by reason.", float(n), {"reason": str(reason)})
+            yield ("mongarsd_mesh_probe_failures_total", "counter", "Failed direct+indirect probes.", float(gm["probe_failures"]), {})
+            yield ("mongarsd_mesh_awareness", "gauge", "Lifeguard local health multiplier score.", float(gm["awareness"]), {})
+        for kind, n in self.events.items():
+            yield ("mongarsd_mesh_events_total", "counter", "Membership events seen.", float(n), {"kind": kind})
+        for peer, n in self.forwards.items():
+            yield ("mongarsd_mesh_forwards_total", "counter", "Requests served by a peer.", float(n), {"peer": peer})
+        for reason, n in self.forward_failures.items():
+            yield ("mongarsd_mesh_forward_failures_total", "counter", "Forwards that failed, by reason.", float(n), {"reason": reason})
+        if self._verifier is not None:
+            for reason, n in self._verifier.rejected.items():
+                yield ("mongarsd_mesh_peer_requests_rejected_total", "counter", "Signed peer requests refused.", float(n), {"reason": reason})
+        for peer, b in self.breakers.items():
+            yield ("mongarsd_mesh_breaker_open", "gauge", "1 when the peer's circuit breaker is open.", 1.0 if b.state is BreakerState.OPEN else 0.0, {"peer": peer})
+        yield ("mongarsd_mesh_forward_fallback_local_total", "counter", "Requests run here after every better peer failed.", float(self.counters["forward_fallback_local"]), {})
+
+
+def member_public(m: MemberView, *, local_id: str | None, breaker: str | None) -> dict[str, Any]:
+    """Describe a member for /api/v1/peer/list."""
+    meta = dict(m.meta)
+    api = f"http://{meta['api_host']}:{meta['api_port']}" if isinstance(meta.get("api_host"), str) and isinstance(meta.get("api_port"), int) else None
+    return {
+        "node_id": m.node_id,
+        "self": m.node_id == local_id,
+        "state": m.state,
+        "incarnation": m.incarnation,
+        "gossip": f"{m.addr[0]}:{m.addr[1]}",
+        "api": api,
+        "version": meta.get("version"),
+        "board": meta.get("board"),
+        "models_loaded": meta.get("models_loaded", []),
+        "models_available": meta.get("models_available", []),
+        "slots_free": meta.get("slots_free"),
+        "queue_depth": meta.get("queue_depth"),
+        "tokens_per_s": meta.get("tokens_per_s"),
+        "temperature_c": meta.get("temperature_c"),
+        "throttled": meta.get("throttled"),
+        "breaker": breaker,
+    }
+
