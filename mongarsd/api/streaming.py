@@ -8,7 +8,6 @@ client-disconnect cancellation, and the SSE / NDJSON stream writers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import math
@@ -386,28 +385,30 @@ class DisconnectGuard:
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._task: asyncio.Task[Any] | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._gone = asyncio.Event()  # never set: the watcher's sleep between polls
+        self._timer: asyncio.TimerHandle | None = None
         self.fired = False
         self.response = web.Response(status=CLIENT_CLOSED_STATUS)
 
     async def __aenter__(self) -> DisconnectGuard:
         self._task = asyncio.current_task()
-        self._watcher = asyncio.get_running_loop().create_task(self._async_watch(), name="mongarsd:disconnect-watch")
+        self._check()
         return self
 
-    async def _async_watch(self) -> None:
-        while not client_gone(self._request):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._gone.wait(), DISCONNECT_POLL_S)
-        self.fired = True
-        if self._task is not None:
+    def _check(self) -> None:
+        """Poll the transport from a timer callback (no task, no wake-up of the handler)."""
+        self._timer = None
+        if self.fired or self._task is None or self._task.done():
+            return
+        if client_gone(self._request):
+            self.fired = True
             self._task.cancel()
+            return
+        self._timer = asyncio.get_running_loop().call_later(DISCONNECT_POLL_S, self._check)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         if self.fired:
             task = self._task
             if task is not None and task.cancelling():
