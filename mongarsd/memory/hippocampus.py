@@ -75,6 +75,7 @@ STOPWORDS: dict[str, frozenset[str]] = {
 }
 ALL_STOPWORDS: frozenset[str] = frozenset().union(*STOPWORDS.values())
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?？。])\s+")
 
 
 class Embedder(Protocol):
@@ -207,7 +208,12 @@ def turn_importance(text: str) -> float:
 
 
 def worth_remembering(text: str) -> bool:
-    return len(_WORD_RE.findall(text)) >= MIN_TURN_MEMORY_WORDS
+    """Decide whether a user message becomes a memory: statements yes; pure questions and one-word replies no."""
+    if len(_WORD_RE.findall(text)) < MIN_TURN_MEMORY_WORDS:
+        return False
+    sentences = [s.strip() for s in _SENTENCE_SPLIT_RE.split(text.strip()) if s.strip()]
+    # A question alone tells nothing about the user; recalling it later only crowds out facts.
+    return not all(s.endswith(("?", "？", "¿")) for s in sentences)
 
 
 def _memory_from_row(row: Any) -> Memory:

@@ -15,7 +15,7 @@ import pytest_asyncio
 from mongarsd.errors import EmbedderUnavailableError, NotFoundError
 from mongarsd.inference.embed import Embedder
 from mongarsd.memory.db import Database
-from mongarsd.memory.hippocampus import STATUS_EMBEDDER_UNAVAILABLE, Hippocampus
+from mongarsd.memory.hippocampus import STATUS_EMBEDDER_UNAVAILABLE, Hippocampus, fts_query, rrf_fuse, worth_remembering
 
 REPO = Path(__file__).resolve().parents[2]
 EMBED_DIR = REPO / "models" / "all-minilm-l6-v2"
@@ -35,6 +35,26 @@ HOSTILE_QUERIES = [
     "emoji 🐈 日本語",
     "-",
 ]
+
+
+def test_fts_query_quotes_every_token_and_drops_syntax() -> None:
+    assert fts_query('cat" OR NEAR(dog*, 2) col:x') == '"cat" OR "near" OR "dog" OR "2" OR "col"'  # 'or' is a stopword, 'x' too short
+    assert fts_query("the and of ?!") is None  # only stopwords and punctuation: no text search at all
+    assert fts_query("a " * 10 + " ".join(f"w{i}" for i in range(100))).count(" OR ") == 31
+
+
+def test_rrf_fuse_rewards_agreement() -> None:
+    fused = rrf_fuse([[1, 2, 3], [3, 4]])
+    assert fused[0][0] == 3  # ranked by both beats first place in one
+    assert {i for i, _ in fused} == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    ("text", "keep"),
+    [("My daughter plays the violin.", True), ("What is my favourite fruit?", False), ("ok", False), ("I moved to Lyon. Any tips?", True)],
+)
+def test_worth_remembering(text: str, keep: bool) -> None:
+    assert worth_remembering(text) is keep
 
 
 @pytest_asyncio.fixture
