@@ -30,6 +30,9 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from bench.common import REPO, Skip, describe_machine, make_entry, skipped_entry
+from bench.serf import die_with_parent
 
 OUR_HOST_BASE: Final = "127.0.1."
 OUR_PORT: Final = 17946
@@ -257,6 +261,7 @@ class OurCluster:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
                 limit=2**22,
+                preexec_fn=die_with_parent,
             )
             runner = _Runner(proc=proc, hosts=hosts)
             runner.reader = asyncio.create_task(self._async_read(runner), name=f"bench-runner-{proc.pid}")
@@ -388,8 +393,21 @@ class SerfAdapter:
         return await self.c.async_alive_counts()
 
     async def async_set(self, index: int, v: int) -> tuple[float, str]:
-        t0 = await self.c.async_set_tag(index, v)
-        return t0, self.c.name(index)
+        t_spawn = await self.c.async_set_tag(index, v)
+        name = self.c.name(index)
+
+        # The origin agent logs its own EventMemberUpdate when the new tags are applied locally:
+        # that is the same instant as our set_local_state, without the RPC client's start-up.
+        def own_times() -> list[float]:
+            return [o.t for o in self.c.observations if o.kind == "update" and o.obs == name and o.subj == name and o.t >= t_spawn]
+
+        await async_wait(lambda: bool(own_times()), 0.5)  # its log line may still be in the pipe
+        own = own_times()
+        if own:
+            self.t0_source = "origin agent's own EventMemberUpdate log line"
+            return min(own), name
+        self.t0_source = "serf tags RPC client spawn (origin logged no self-update)"
+        return t_spawn, name
 
     def updates_of(self, subject: str, v: int, since: float) -> list[tuple[str, float]]:
         return [(o.obs, o.t) for o in self.c.observations if o.kind == "update" and o.subj == subject and o.t >= since]
@@ -542,6 +560,9 @@ def _loopback_hosts_ok() -> str | None:
 
 async def async_p10(sizes: Sequence[int], *, serf: bool, reps: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure ours and Serf for each N; build the P10 entry."""
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM unwinds like Ctrl-C: every cluster is stopped in its finally
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     if (why := _loopback_hosts_ok()) is not None:
         return skipped_entry("P10", why)
     serf_note: str | None = None
@@ -649,29 +670,237 @@ def build_p10_entry(table: Sequence[Mapping[str, Any]], *, serf_version: str | N
 
 # --------------------------------------------------------------------------- P11
 
+P11_MODEL_FILE: Final = "SmolLM2-135M-Instruct-Q4_1.gguf"
+P11_MODEL_ID: Final = "smollm2-135m-instruct:q4_1"
+P11_API_PORT: Final = 8642
+P11_GOSSIP_PORT: Final = 8643
+P11_CONCURRENCY: Final = 12  # 3 nodes x 4 slots: enough to saturate the mesh, not just one node
+P11_DURATION_S: Final = 40.0
+P11_WARMUP_S: Final = 5.0
+P11_MAX_TOKENS: Final = 48
+P11_READY_TIMEOUT_S: Final = 180.0
+P11_MESH_TIMEOUT_S: Final = 60.0
+P11_NOTE: Final = (
+    "not meaningful on one 2-core host: the three daemons share the same two cores, so the mesh can only "
+    "spread CPU-bound decoding over cores that are already busy; the >= 2.5x target needs three boards"
+)
+
+
+def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> dict[str, Any]:
+    """Completed requests/s of each load run and their ratio (pure)."""
+
+    def rps(r: Mapping[str, Any]) -> float | None:
+        el = float(r.get("elapsed_s") or 0.0)
+        done = int(r.get("completed") or 0)
+        return done / el if el > 0 and done > 0 else None
+
+    one, three = rps(single), rps(mesh)
+    return {
+        "single_rps": one,
+        "mesh_rps": three,
+        "ratio": (three / one) if one and three else None,
+        "single_errors": int(single.get("errors") or 0),
+        "mesh_errors": int(mesh.get("errors") or 0),
+    }
+
 
 def p11_missing() -> str | None:
-    """Return why the 3-node throughput measurement cannot run yet, or None (pure-ish: file checks)."""
+    """Return why the 3-node throughput measurement cannot run yet, or None (file checks)."""
     for rel in ("mongarsd/mesh/service.py", "mongarsd/mesh/forward.py"):
         if not (REPO / rel).is_file():
             return f"{rel} (mesh service / request forwarding) is not there yet"
-    if not (REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf").is_file():
-        return "models/SmolLM2-135M-Instruct-Q4_1.gguf is missing"
+    if "MeshService" not in (REPO / "mongarsd" / "daemon.py").read_text(encoding="utf-8"):
+        return "the daemon does not start MeshService yet (mongarsd/daemon.py _mesh_services)"
+    if not (REPO / "models" / P11_MODEL_FILE).is_file():
+        return f"models/{P11_MODEL_FILE} is missing"
     from tests.netns.harness import unavailable_reason
 
     return unavailable_reason()
 
 
+async def async_load(base: str, *, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int) -> dict[str, Any]:
+    """Saturate POST /v1/completions with `concurrency` clients; count completions after warm-up."""
+    import aiohttp
+
+    url = base.rstrip("/") + "/v1/completions"
+    t_start = time.monotonic()
+    t_measure = t_start + warmup_s
+    t_end = t_measure + duration_s
+    completed = errors = tokens = 0
+    statuses: dict[str, int] = {}
+    served_by: dict[str, int] = {}
+
+    async def client(session: aiohttp.ClientSession, k: int) -> None:
+        nonlocal completed, errors, tokens
+        i = 0
+        while time.monotonic() < t_end:
+            i += 1
+            body = {
+                "model": P11_MODEL_ID,
+                "prompt": f"Client {k} request {i}: list three facts about the number {k * 1000 + i}.",
+                "max_tokens": max_tokens,
+                "temperature": 0.7,
+                "stream": False,
+            }
+            try:
+                async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+                    data = await resp.read()
+                    node = resp.headers.get("X-Mongars-Node", "?")
+            except (aiohttp.ClientError, TimeoutError) as err:
+                statuses[type(err).__name__] = statuses.get(type(err).__name__, 0) + 1
+                errors += 1
+                continue
+            if time.monotonic() < t_measure:
+                continue  # warm-up: models load, queues fill
+            statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
+            if resp.status == 200 and time.monotonic() <= t_end:
+                completed += 1
+                served_by[node] = served_by.get(node, 0) + 1
+                try:
+                    tokens += int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
+                except (ValueError, AttributeError, TypeError):
+                    pass  # counted as a completion; tokens are a detail
+            elif resp.status != 200:
+                errors += 1
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(session, k) for k in range(concurrency)))
+    return {
+        "completed": completed,
+        "errors": errors,
+        "tokens": tokens,
+        "elapsed_s": duration_s,
+        "concurrency": concurrency,
+        "statuses": statuses,
+        "served_by_header": served_by,
+    }
+
+
+async def async_wait_peers(base: str, want: int, timeout_s: float) -> int:
+    """Poll GET /api/v1/peer/list until `want` members are alive; return how many are."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    alive = 0
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(base + "/api/v1/peer/list", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    body = await resp.json()
+                alive = sum(1 for m in body.get("members", []) if m.get("state") == "alive")
+                if alive >= want:
+                    return alive
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass  # not up yet
+            await asyncio.sleep(0.5)
+    return alive
+
+
+def _p11_in_ns(lab: Any, node: int, *args: str, timeout_s: float) -> dict[str, Any]:
+    """Run `python -m bench.mesh --p11-client ...` inside a namespace; return its JSON (blocking)."""
+    proc = lab.run(node, sys.executable, "-m", "bench.mesh", "--p11-client", *args, check=False, timeout=timeout_s)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise Skip(f"P11 client in namespace failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+
+
 def run_p11(log: Callable[[str], None]) -> dict[str, Any]:
-    """Measure P11 with bench.mesh_p11 when the mesh service exists; else a skipped entry."""
+    """3 daemons in 3 namespaces vs 1, the same load on ONE entry node (blocking)."""
     why = p11_missing()
     if why is not None:
         return skipped_entry("P11", why)
+    from tests.netns.harness import NetnsLab, cleanup_stale
+
+    cleanup_stale()
+    work = Path(tempfile.mkdtemp(prefix="mongarsd-bench-p11-"))
+    base = f"http://127.0.0.1:{P11_API_PORT}"
+    load_args = ["--url", base, "--concurrency", str(P11_CONCURRENCY), "--duration", str(P11_DURATION_S)]
+    client_timeout = P11_DURATION_S + P11_WARMUP_S + 150
     try:
-        from bench import mesh_p11
-    except ImportError as err:
-        return skipped_entry("P11", f"bench/mesh_p11.py cannot be imported: {err}")
-    return mesh_p11.run(log=log)
+        with NetnsLab(3) as lab:
+            states = [work / f"state{i}" for i in range(3)]
+            # One cluster key for the three (what `mongarsd keys generate/install` would write).
+            from mongarsd.mesh.keyring import Keyring, generate_key
+            from mongarsd.mesh.service import keyring_path
+
+            keyring = Keyring(generate_key())
+            for st in states:
+                keyring_path(st).parent.mkdir(parents=True, exist_ok=True)
+                keyring.save(keyring_path(st))
+            empty = work / "empty.toml"
+            empty.write_text("")
+            for st in states:  # the daemons listen beyond loopback, which needs a token to exist
+                tok = subprocess.run(
+                    [sys.executable, "-m", "mongarsd", "token", "create", "--user", "admin", "--role", "admin", "--state-dir", str(st)],
+                    capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+                    env={**os.environ, "MONGARSD_CONFIG": str(empty)},
+                )  # fmt: skip
+                if tok.returncode != 0:
+                    return skipped_entry("P11", f"`mongarsd token create` failed: {(tok.stderr or tok.stdout).strip()[-300:]}")
+            seeds = ",".join(f"{n.ip}:{P11_GOSSIP_PORT}" for n in lab.nodes)
+
+            def start(i: int) -> Any:
+                env = {
+                    "MONGARSD_CONFIG": str(empty),
+                    "MONGARSD_LOG__FORMAT": "json",
+                    "MONGARSD_MESH__ENABLED": "true",
+                    "MONGARSD_MESH__GOSSIP_PORT": str(P11_GOSSIP_PORT),
+                    "MONGARSD_MESH__ADVERTISE_HOST": lab.nodes[i].ip,
+                    "MONGARSD_MESH__SEEDS": seeds,
+                }
+                log_fh = (work / f"daemon{i}.log").open("wb")
+                return lab.popen(
+                    i,
+                    sys.executable, "-m", "mongarsd", "run", "--host", "0.0.0.0", "--port", str(P11_API_PORT),
+                    "--state-dir", str(states[i]), "--models-dir", str(REPO / "models"),
+                    env=env, stdout=log_fh, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+
+            start(0)
+            if _p11_in_ns(lab, 0, "--url", base, "--wait-peers", "1", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0) < 1:
+                return skipped_entry("P11", "the entry daemon did not come up")
+            log("  P11: one daemon, saturating load ...")
+            single = _p11_in_ns(lab, 0, *load_args, timeout_s=client_timeout)
+            start(1)
+            start(2)
+            alive = int(_p11_in_ns(lab, 0, "--url", base, "--wait-peers", "3", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0))
+            if alive < 3:
+                return skipped_entry("P11", f"the mesh did not form: the entry node sees {alive} alive member(s)")
+            log("  P11: three daemons, same load on the entry node ...")
+            mesh = _p11_in_ns(lab, 0, *load_args, timeout_s=client_timeout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    s = throughput_summary(single, mesh)
+    return make_entry(
+        "P11",
+        value=s["mesh_rps"],
+        reference=s["single_rps"],
+        unit="requests/s",
+        ratio=s["ratio"],
+        meaningful=False,
+        details={
+            "note": P11_NOTE,
+            "method": (
+                f"3 namespaces on a bridge, `mongarsd run` in each (mesh enabled, LAN timing, shared keyring, static "
+                f"seeds); {P11_CONCURRENCY} concurrent non-streaming /v1/completions clients (max_tokens "
+                f"{P11_MAX_TOKENS}) against the entry node only, {P11_WARMUP_S:.0f} s warm-up then "
+                f"{P11_DURATION_S:.0f} s counted; reference = the same load with only the entry daemon running"
+            ),
+            "single": single,
+            "mesh": mesh,
+            "summary": s,
+            "cores": len(os.sched_getaffinity(0)),
+        },
+    )
+
+
+async def async_p11_client(args: argparse.Namespace) -> dict[str, Any]:
+    if args.wait_peers:
+        return {"alive": await async_wait_peers(args.url, int(args.wait_peers), P11_READY_TIMEOUT_S)}
+    return await async_load(
+        args.url, concurrency=args.concurrency, duration_s=args.duration, warmup_s=P11_WARMUP_S, max_tokens=P11_MAX_TOKENS
+    )
 
 
 # --------------------------------------------------------------------------- entry points
@@ -700,7 +929,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="P10,P11")
     parser.add_argument("--no-serf", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the entries here")
+    parser.add_argument("--p11-client", action="store_true", help=argparse.SUPPRESS)  # run inside a namespace by run_p11
+    parser.add_argument("--url", default=f"http://127.0.0.1:{P11_API_PORT}", help=argparse.SUPPRESS)
+    parser.add_argument("--wait-peers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=P11_CONCURRENCY, help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=P11_DURATION_S, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.p11_client:
+        print(json.dumps(asyncio.run(async_p11_client(args))), flush=True)
+        return 0
     results: dict[str, Any] = {}
     only = {p.strip().upper() for p in args.only.split(",") if p.strip()}
     run(results, sizes=[int(s) for s in args.sizes.split(",")], serf=not args.no_serf, reps=args.reps, only=only)

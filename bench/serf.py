@@ -94,6 +94,16 @@ def ensure_serf() -> str:
     return path
 
 
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the bench process dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: async_stop still kills every agent on a normal exit
+
+
 class _Statsd(asyncio.DatagramProtocol):
     def __init__(self, owner: SerfCluster) -> None:
         self.owner = owner
@@ -162,6 +172,7 @@ class SerfCluster:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
             self.procs[name] = proc
             self._logs[name] = (self.workdir / f"{name}.log").open("w")
