@@ -181,21 +181,38 @@ def test_embeddings_refuse_chat_model(served: tuple[DaemonProc, str]) -> None:
     assert r.status == 400 and "does not support embeddings" in r.json()["error"]["message"]
 
 
-def test_models(client: openai.OpenAI) -> None:
+def _has_pipeline(served: tuple[DaemonProc, str]) -> bool:
+    return "pipeline" in served[0].get("/ready").json()["services"]
+
+
+def test_models(client: openai.OpenAI, served: tuple[DaemonProc, str]) -> None:
     ids = [m.id for m in client.models.list()]
     assert MODEL in ids and EMBED in ids
-    assert "mongars" not in ids  # no memory pipeline in this daemon
+    assert ("mongars" in ids) == _has_pipeline(served)  # the persona is listed only when it can run
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
 
 
-def test_unknown_model_and_persona_without_pipeline(client: openai.OpenAI) -> None:
+def test_unknown_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-9", messages=HI, max_tokens=4)  # type: ignore[arg-type]
     assert "gpt-9" in str(info.value)
-    with pytest.raises(openai.NotFoundError, match="memory pipeline not enabled"):
-        client.chat.completions.create(model="mongars", messages=HI, max_tokens=4)  # type: ignore[arg-type]
+
+
+def test_persona_model(client: openai.OpenAI, served: tuple[DaemonProc, str]) -> None:
+    if not _has_pipeline(served):
+        with pytest.raises(openai.NotFoundError, match="memory pipeline not enabled"):
+            client.chat.completions.create(model="mongars", messages=HI, max_tokens=4)  # type: ignore[arg-type]
+        return
+    r = client.chat.completions.create(model="mongars", messages=HI, max_tokens=8)  # type: ignore[arg-type]
+    assert r.model == "mongars" and r.choices[0].message.content
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="mongars", messages=HI, max_tokens=8, stream=True)
+        if c.choices
+    ]  # type: ignore[arg-type]
+    assert "".join(pieces).strip()
 
 
 @pytest.mark.parametrize(
