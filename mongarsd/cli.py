@@ -51,6 +51,9 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # BLAS thread pools would fight llama.cpp's threads for the board's few cores.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     from mongarsd.daemon import Daemon
     from mongarsd.log import configure_logging
 
@@ -177,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _domain_registrars() -> list[Callable[..., None]]:
     """Subcommands owned by domain packages (models, keys, peers, chat)."""
     from mongarsd import chat_client
+    from mongarsd.inference import cli as model_cli
 
-    registrars: list[Callable[..., None]] = [chat_client.register]
+    registrars: list[Callable[..., None]] = [chat_client.register, model_cli.register]
     return registrars
 
 

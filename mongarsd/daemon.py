@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 from aiohttp import web
@@ -30,6 +30,7 @@ log = structlog.get_logger("mongarsd.daemon")
 
 DB_FILE = "mongarsd.db"
 LOCK_FILE = "mongarsd.lock"
+EMBED_IDLE_CHECK_S = 30.0
 
 
 class InstanceLock:
@@ -213,7 +214,49 @@ class Daemon:
 
     def _core_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
         """Inference, memory and cognition: started after the store, before the API."""
-        return []
+        from mongarsd.api import native, ollama, openai
+        from mongarsd.cognition.pipeline import ConversationPipeline
+        from mongarsd.inference.embed import Embedder
+        from mongarsd.inference.manager import InferenceManager
+        from mongarsd.inference.models import ModelRegistry
+        from mongarsd.memory.hippocampus import Hippocampus
+        from mongarsd.memory.profiles import ProfileStore
+
+        cfg = self.loaded.config
+        models_dir = cfg.server.effective_models_dir
+        embed = cfg.embed
+        embedder = Embedder(
+            model_dir=models_dir / embed.model,
+            variant=embed.variant,
+            threads=embed.threads,
+            providers=embed.providers,
+            batch_size=embed.batch_size,
+            idle_unload_s=embed.idle_unload_s,
+            cache_entries=embed.cache_entries,
+            preload=embed.preload,
+        )
+        manager = InferenceManager.from_config(cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=ctx.metrics)
+        hippocampus = Hippocampus(db=ctx.db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days)
+        pipeline = ConversationPipeline(
+            hippocampus=hippocampus,
+            llm=manager,
+            profiles=ProfileStore(db=ctx.db),
+            recall_k=cfg.memory.recall_k,
+            history_turns=cfg.memory.history_turns,
+            default_model=cfg.inference.default_model,
+            max_tokens_default=cfg.inference.max_tokens_default,
+        )
+        ctx.embedder, ctx.llm, ctx.hippocampus, ctx.pipeline = embedder, manager, hippocampus, pipeline
+        ctx.metrics.add_source(hippocampus.metrics)
+        ctx.metrics.add_source(pipeline.metrics)
+        route_setups += [openai.setup_routes, ollama.setup_routes, native.setup_routes]
+        self.loops += [("hippocampus-purge", hippocampus.async_purge_loop), ("embedder-idle-unload", lambda: self._async_embedder_idle(embedder))]
+        return [embedder, manager, hippocampus, pipeline]
+
+    async def _async_embedder_idle(self, embedder: Any) -> None:
+        while True:
+            await asyncio.sleep(EMBED_IDLE_CHECK_S)
+            await embedder.async_unload_if_idle()
 
     def _mesh_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
         """The peer mesh (gossip, discovery, scheduler) when mesh.enabled; its routes always."""

@@ -12,7 +12,6 @@ from aiohttp import web
 from mongarsd.errors import AuthError
 
 Role = Literal["admin", "user", "peer"]
-PRINCIPAL = "mongarsd_principal"
 _ROLE_ATTR = "__mongarsd_role__"
 _RANK = {"peer": 1, "user": 1, "admin": 2}
 
@@ -36,6 +35,8 @@ class Principal:
 
 
 LOCAL_ADMIN_USER = "local"
+PRINCIPAL = web.RequestKey("mongarsd_principal", Principal)
+REQUEST_ID = web.RequestKey("mongarsd_request_id", str)
 
 
 def public(handler: H) -> H:
@@ -81,8 +82,7 @@ def is_loopback(remote: str | None) -> bool:
 
 
 def principal_of(request: web.Request) -> Principal:
-    principal = request.get(PRINCIPAL)
+    principal: Principal | None = request.get(PRINCIPAL)
     if principal is None:
         raise AuthError("authentication required: send Authorization: Bearer <token>")
-    assert isinstance(principal, Principal)
     return principal

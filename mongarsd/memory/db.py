@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from mongarsd.errors import StoreError
+from mongarsd.errors import MongarsError, StoreError
 from mongarsd.memory.migrations import migrate
 
 log = structlog.get_logger("mongarsd.memory.db")
@@ -169,7 +169,7 @@ class Database:
                 await conn.execute("SAVEPOINT op")
                 try:
                     value = await item.op(conn)
-                except (sqlite3.Error, ValueError, TypeError, StoreError) as err:
+                except Exception as err:  # one op's failure belongs to its caller, not to the writer loop
                     await conn.execute("ROLLBACK TO op")
                     await conn.execute("RELEASE op")
                     results.append((item, None, err))
@@ -195,6 +195,6 @@ class Database:
             if error is None:
                 item.future.set_result(value)
             else:
-                exc = error if isinstance(error, StoreError) else StoreError(f"write failed: {error}")
+                exc = error if isinstance(error, MongarsError) else StoreError(f"write failed: {error}")
                 item.future.set_exception(exc)
         log.debug("store_batch_committed", ops=len(results), ms=round((time.monotonic() - t0) * 1000, 2))

@@ -79,8 +79,11 @@ _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?？。])\s+")
 
 
 class Embedder(Protocol):
-    dim: int
-    model_id: str
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
 
     async def async_embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 

@@ -269,3 +269,10 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
 def test_console_script_entry_point_exists() -> None:
     res = subprocess.run([str(Path(sys.executable).parent / "mongarsd"), "version"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0 and res.stdout.startswith("mongarsd ")
+
+
+def test_sdk_placeholder_keys_on_trusted_loopback_are_the_local_admin(daemon: DaemonProc) -> None:
+    # OpenAI/Ollama SDKs always send some api_key; on trusted loopback a non-mongarsd key changes nothing.
+    assert daemon.get("/api/v1/status", token="sk-placeholder").json()["you"] == {"user": "local", "role": "admin"}
+    # A real-looking mongarsd token that does not verify is still refused, even on loopback.
+    assert daemon.get("/api/v1/status", token="mgs_000000000000_" + "y" * 43).status == 401
