@@ -425,7 +425,6 @@ class LlamaEngine:
         self._inflight = 0  # loop-side: admitted and not yet finished/abandoned
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF_BYTES)
-        self._tok_lock = threading.Lock()
 
         # counters (written by the inference thread, read anywhere)
         self._requests_total = 0
@@ -853,7 +852,7 @@ class LlamaEngine:
             if req is not None:
                 self._release(slot, req)
                 if not req.cancelled:
-                    out.append((req, err))
+                    out.append((req, InferenceError(str(err))))
         with self._in_lock:
             self._closed = True
             waiting = list(self._incoming)
@@ -862,7 +861,7 @@ class LlamaEngine:
             req.finished = True
             self._lib.llama_sampler_free(req.sampler)
             if not req.cancelled:
-                out.append((req, err))
+                out.append((req, InferenceError(str(err))))
         if out:
             self._send(out)
 
@@ -1151,7 +1150,7 @@ class LlamaEngine:
             self._release(slot, req)
             slot.cache_key = None
             if not req.cancelled:
-                out.append((req, err))
+                out.append((req, InferenceError(str(err))))
 
 
 def _deliver_all(items: list[tuple[_Request, TokenEvent | BaseException]]) -> None:
