@@ -37,7 +37,10 @@ def _mesh(request: web.Request) -> MeshService:
 async def handle_list(request: web.Request) -> web.Response:
     mesh = _mesh(request)
     principal = principal_of(request)
-    members = [member_public(m, local_id=mesh.node_id, breaker=None if m.node_id == mesh.node_id else mesh.breakers.get(m.node_id).state.value) for m in mesh.members()]
+    members = [
+        member_public(m, local_id=mesh.node_id, breaker=None if m.node_id == mesh.node_id else mesh.breakers.get(m.node_id).state.value)
+        for m in mesh.members()
+    ]
     if not members:
         members = [{"node_id": mesh.node_id, "self": True, "state": "alive" if mesh.node_id else "unknown", "load": mesh.load_snapshot()}]
     body: dict[str, Any] = {
@@ -79,7 +82,9 @@ async def handle_load(request: web.Request) -> web.Response:
 async def handle_message(request: web.Request) -> web.Response:
     mesh = _mesh(request)
     principal = principal_of(request)
-    signed_by = principal.token_id[5:] if principal.role == "peer" and principal.token_id and principal.token_id.startswith("peer:") else None
+    signed_by = (
+        principal.token_id[5:] if principal.role == "peer" and principal.token_id and principal.token_id.startswith("peer:") else None
+    )
     if signed_by is None and not principal.is_admin:
         raise AuthError("peer messages must be signed by a mesh node", status=403)
     raw = await request.read()
@@ -87,7 +92,7 @@ async def handle_message(request: web.Request) -> web.Response:
         raise ValidationError(f"peer message is larger than {MAX_MESSAGE_BYTES} bytes", param="message", status=413)
     body = await read_json(request)
     if "message" not in body:
-        raise ValidationError("body must be {\"message\": <JSON value>}", param="message")
+        raise ValidationError('body must be {"message": <JSON value>}', param="message")
     message = body["message"]
     if message is None or message in ("", {}, []):
         raise ValidationError("message must not be empty", param="message")

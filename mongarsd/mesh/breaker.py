@@ -32,7 +32,9 @@ class BreakerState(StrEnum):
 class CircuitBreaker:
     """One breaker (loop-only: no locks, callers are on the event loop)."""
 
-    def __init__(self, *, failure_threshold: int = FAILURE_THRESHOLD, reset_timeout_s: float = RESET_TIMEOUT_S, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, failure_threshold: int = FAILURE_THRESHOLD, reset_timeout_s: float = RESET_TIMEOUT_S, clock: Clock = time.monotonic
+    ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
         self.failure_threshold = failure_threshold
@@ -122,7 +124,9 @@ class BreakerBoard:
     def get(self, peer: str) -> CircuitBreaker:
         b = self._breakers.pop(peer, None)
         if b is None:
-            b = CircuitBreaker(failure_threshold=int(self._kw["failure_threshold"]), reset_timeout_s=float(self._kw["reset_timeout_s"]), clock=self._clock)
+            b = CircuitBreaker(
+                failure_threshold=int(self._kw["failure_threshold"]), reset_timeout_s=float(self._kw["reset_timeout_s"]), clock=self._clock
+            )
         self._breakers[peer] = b
         while len(self._breakers) > self._max:
             self._breakers.popitem(last=False)

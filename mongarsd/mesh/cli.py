@@ -55,7 +55,10 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     key = generate_key()
     Keyring(key).save(path)
     print(encode_key(key))
-    print(f"# new cluster key {key_id(key).hex()} written to {path}; install it on the other nodes with `mongarsd keys install KEY`", file=sys.stderr)
+    print(
+        f"# new cluster key {key_id(key).hex()} written to {path}; install it on the other nodes with `mongarsd keys install KEY`",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -155,7 +158,9 @@ def cmd_peers_list(args: argparse.Namespace) -> int:
             print(json.dumps(doc, indent=2))
         return _report(status, doc)
     mesh = doc.get("mesh", {})
-    print(f"# node {doc.get('node_id')}  mesh {'running' if mesh.get('running') else 'enabled, not running' if mesh.get('enabled') else 'disabled'}")
+    print(
+        f"# node {doc.get('node_id')}  mesh {'running' if mesh.get('running') else 'enabled, not running' if mesh.get('enabled') else 'disabled'}"
+    )
     print(f"{'NODE':<18} {'STATE':<8} {'GOSSIP':<22} {'API':<28} {'QUEUE':>5} {'FREE':>4}  LOADED")
     for m in doc.get("members", []):
         mark = "*" if m.get("self") else " "

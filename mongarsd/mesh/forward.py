@@ -56,11 +56,23 @@ _USER_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 
 def signing_payload(*, target: str, method: str, path_qs: str, ts_ms: int, nonce: str, body: bytes, hops: int, user: str) -> bytes:
     """Return the exact bytes a forwarded request's signature covers (pure)."""
-    parts = [SIGNATURE_DOMAIN, target.encode(), method.upper().encode(), path_qs.encode(), str(ts_ms).encode(), nonce.encode(), hashlib.sha256(body).hexdigest().encode(), str(hops).encode(), user.encode()]
+    parts = [
+        SIGNATURE_DOMAIN,
+        target.encode(),
+        method.upper().encode(),
+        path_qs.encode(),
+        str(ts_ms).encode(),
+        nonce.encode(),
+        hashlib.sha256(body).hexdigest().encode(),
+        str(hops).encode(),
+        user.encode(),
+    ]
     return b"\n".join(parts)
 
 
-def sign_headers(identity: NodeIdentity, *, target: str, method: str, path_qs: str, body: bytes, hops: int, user: str, now_s: float | None = None) -> dict[str, str]:
+def sign_headers(
+    identity: NodeIdentity, *, target: str, method: str, path_qs: str, body: bytes, hops: int, user: str, now_s: float | None = None
+) -> dict[str, str]:
     """Return the headers that authenticate one request from this node to `target`."""
     ts_ms = int((time.time() if now_s is None else now_s) * 1000)
     nonce = secrets.token_hex(16)
@@ -140,7 +152,13 @@ class RequestVerifier:
         hops_s = headers.get(H_HOPS, "")
         user = headers.get(H_USER, "")
         sig_b64 = headers.get(H_SIG, "")
-        if not (_NODE_RE.fullmatch(node) and _TS_RE.fullmatch(ts) and _NONCE_RE.fullmatch(nonce) and hops_s.isdigit() and _USER_RE.fullmatch(user)):
+        if not (
+            _NODE_RE.fullmatch(node)
+            and _TS_RE.fullmatch(ts)
+            and _NONCE_RE.fullmatch(nonce)
+            and hops_s.isdigit()
+            and _USER_RE.fullmatch(user)
+        ):
             raise self._reject("malformed", "malformed X-Mongars-* headers")
         hops = int(hops_s)
         if not 1 <= hops <= MAX_HOPS_HEADER:
@@ -157,7 +175,9 @@ class RequestVerifier:
         key = self._key_of(node)
         if key is None or node_id_from_public_key(key) != node:
             raise self._reject("unknown_node", f"node {node} is not a live member of this mesh")
-        payload = signing_payload(target=self._local, method=method, path_qs=path_qs, ts_ms=int(ts), nonce=nonce, body=body, hops=hops, user=user)
+        payload = signing_payload(
+            target=self._local, method=method, path_qs=path_qs, ts_ms=int(ts), nonce=nonce, body=body, hops=hops, user=user
+        )
         try:
             VerifyKey(key).verify(payload, sig)
         except BadSignatureError:
@@ -197,16 +217,22 @@ class ClientGone(Exception):
     """The client disconnected while we relayed a stream."""
 
 
-async def async_relay(session: ClientSession, *, url: str, request: web.Request, body: bytes, headers: Mapping[str, str], stream: bool) -> web.StreamResponse:
+async def async_relay(
+    session: ClientSession, *, url: str, request: web.Request, body: bytes, headers: Mapping[str, str], stream: bool
+) -> web.StreamResponse:
     """POST to a peer; raise PeerFailure until the first byte, then pass the stream through.
 
     A non-streamed answer is read whole (capped) before we answer, so any failure is retryable.
     A streamed one is committed to the client at its first chunk; a failure after that ends the
     client's stream (SSE/NDJSON clients see it end early) and is counted, not retried.
     """
-    timeout = ClientTimeout(total=None, connect=FORWARD_CONNECT_TIMEOUT_S, sock_connect=FORWARD_CONNECT_TIMEOUT_S, sock_read=FORWARD_READ_TIMEOUT_S)
+    timeout = ClientTimeout(
+        total=None, connect=FORWARD_CONNECT_TIMEOUT_S, sock_connect=FORWARD_CONNECT_TIMEOUT_S, sock_read=FORWARD_READ_TIMEOUT_S
+    )
     try:
-        upstream = await session.post(url, data=body, headers={**headers, "Content-Type": request.headers.get("Content-Type", "application/json")}, timeout=timeout)
+        upstream = await session.post(
+            url, data=body, headers={**headers, "Content-Type": request.headers.get("Content-Type", "application/json")}, timeout=timeout
+        )
     except (ClientError, TimeoutError, OSError) as err:
         raise PeerFailure(f"connect: {type(err).__name__}", breaker=True) from err
     async with upstream:

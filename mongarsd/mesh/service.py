@@ -64,8 +64,8 @@ MAX_JOIN_TASKS: Final = 32
 MAX_MODEL_IDS: Final = 16
 THROTTLE_FALLBACK_C: Final = 80.0
 PERSONA_MODEL_ID: Final = "mongars"  # runs the caller's memory pipeline: never leaves this node
-REQ_HOPS: Final = "mongarsd_mesh_hops"
-REQ_SENDER: Final = "mongarsd_mesh_sender"
+REQ_HOPS: Final = web.RequestKey("mongarsd_mesh_hops", int)
+REQ_SENDER: Final = web.RequestKey("mongarsd_mesh_sender", str)
 ALIVE_STATES: Final = frozenset({"alive", "suspect"})
 
 
@@ -148,7 +148,9 @@ class _LocalStats:
             dt, ds = totals[0] - self._last[0], totals[1] - self._last[1]
             if dt > 0 and ds > 0:
                 rate = dt / ds
-                self.tokens_per_s = rate if self.tokens_per_s <= 0 else (1 - TOKENS_EWMA_ALPHA) * self.tokens_per_s + TOKENS_EWMA_ALPHA * rate
+                self.tokens_per_s = (
+                    rate if self.tokens_per_s <= 0 else (1 - TOKENS_EWMA_ALPHA) * self.tokens_per_s + TOKENS_EWMA_ALPHA * rate
+                )
         elif totals[0] > 0 and totals[1] > 0:
             self.tokens_per_s = totals[0] / totals[1]
         self._last = totals
@@ -241,7 +243,9 @@ class MeshService:
     async def async_start(self) -> None:
         if self._started:
             return
-        self.identity = await asyncio.to_thread(NodeIdentity.load_or_create, mesh_dir(self._state_dir) / IDENTITY_FILE, machine_id_path=self._machine_id_path)
+        self.identity = await asyncio.to_thread(
+            NodeIdentity.load_or_create, mesh_dir(self._state_dir) / IDENTITY_FILE, machine_id_path=self._machine_id_path
+        )
         if not self.enabled:
             self._started = True
             log.info("mesh_disabled", node=self.identity.node_id)
@@ -364,7 +368,11 @@ class MeshService:
 
     def plan(self, *, model: str, hops: int = 0, exclude: Iterable[str] = (), expected_tokens: int = 128) -> list[NodeLoad]:
         """Return the nodes to try for a request, best first (this node always included)."""
-        peers = [load_from_state(m.node_id, m.meta, pending=self._pending[m.node_id]) for m in self.members() if m.state == "alive" and m.node_id != self.node_id]
+        peers = [
+            load_from_state(m.node_id, m.meta, pending=self._pending[m.node_id])
+            for m in self.members()
+            if m.state == "alive" and m.node_id != self.node_id
+        ]
         ranked = rank(
             self.local_load(),
             peers,
@@ -377,16 +385,18 @@ class MeshService:
         )
         return [r.node for r in ranked]
 
-    async def async_maybe_forward(self, request: web.Request, body: dict[str, Any], *, model: str, stream: bool) -> web.StreamResponse | None:
+    async def async_maybe_forward(
+        self, request: web.Request, body: dict[str, Any], *, model: str, stream: bool
+    ) -> web.StreamResponse | None:
         """Serve the request on a better peer and return its response, or None to run it here."""
         if not self.running or self._session is None or self.identity is None or model == PERSONA_MODEL_ID:
             return None
         principal = request.get(PRINCIPAL)
         if not isinstance(principal, Principal):
             return None
-        hops = int(request.get(REQ_HOPS, 0))
+        hops = request.get(REQ_HOPS, 0)
         sender = request.get(REQ_SENDER)
-        order = self.plan(model=model, hops=hops, exclude=[sender] if isinstance(sender, str) else [], expected_tokens=expected_tokens_of(body))
+        order = self.plan(model=model, hops=hops, exclude=[sender] if sender else [], expected_tokens=expected_tokens_of(body))
         if order[0].local:
             return None
         raw = await request.read()
@@ -399,7 +409,9 @@ class MeshService:
         self.counters["forward_fallback_local"] += 1
         return None
 
-    async def _async_try_peer(self, request: web.Request, node_id: str, raw: bytes, *, hops: int, user: str, stream: bool) -> web.StreamResponse | None:
+    async def _async_try_peer(
+        self, request: web.Request, node_id: str, raw: bytes, *, hops: int, user: str, stream: bool
+    ) -> web.StreamResponse | None:
         member = self.gossip.member(node_id) if self.gossip is not None else None
         if member is None or member.state != "alive" or self._session is None or self.identity is None:
             return None
@@ -411,7 +423,9 @@ class MeshService:
             return None
         url_host = f"[{host}]" if ":" in host else host
         url = f"http://{url_host}:{port}{request.path_qs}"
-        headers = sign_headers(self.identity, target=node_id, method=request.method, path_qs=request.path_qs, body=raw, hops=hops + 1, user=user)
+        headers = sign_headers(
+            self.identity, target=node_id, method=request.method, path_qs=request.path_qs, body=raw, hops=hops + 1, user=user
+        )
         self._pending[node_id] += 1
         t0 = time.monotonic()
         try:
@@ -442,7 +456,14 @@ class MeshService:
                 del self._pending[node_id]
         breaker.record_success()
         self.forwards[node_id] += 1
-        log.info("mesh_forwarded", peer=node_id, path=request.path, stream=stream, status=resp.status, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
+        log.info(
+            "mesh_forwarded",
+            peer=node_id,
+            path=request.path,
+            stream=stream,
+            status=resp.status,
+            elapsed_ms=round((time.monotonic() - t0) * 1000, 1),
+        )
         return resp
 
     # --- messages -----------------------------------------------------------------------------
@@ -469,7 +490,9 @@ class MeshService:
         headers = sign_headers(self.identity, target=node_id, method="POST", path_qs=path, body=raw, hops=1, user=user)
         headers["Content-Type"] = "application/json"
         try:
-            async with self._session.post(f"http://{host}:{port}{path}", data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=MESSAGE_TIMEOUT_S)) as resp:
+            async with self._session.post(
+                f"http://{host}:{port}{path}", data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=MESSAGE_TIMEOUT_S)
+            ) as resp:
                 await resp.read()
                 return resp.status
         except (aiohttp.ClientError, TimeoutError) as err:
@@ -554,7 +577,11 @@ class MeshService:
             return advertise_ip
         try:
             if ipaddress.ip_address(host).is_loopback and not ipaddress.ip_address(advertise_ip).is_loopback:
-                log.warning("mesh_api_on_loopback", host=host, hint="peers cannot forward requests to this node; listen on 0.0.0.0 or the LAN address")
+                log.warning(
+                    "mesh_api_on_loopback",
+                    host=host,
+                    hint="peers cannot forward requests to this node; listen on 0.0.0.0 or the LAN address",
+                )
                 return ""
         except ValueError:
             pass  # a host name: publish it as is
@@ -732,7 +759,13 @@ class MeshService:
             for state, n in gm["members"].items():
                 yield ("mongarsd_mesh_members", "gauge", "Mesh members by state (this node included).", float(n), {"state": state})
             for direction in ("sent", "received"):
-                yield ("mongarsd_mesh_packets_total", "counter", "Gossip packets.", float(gm[f"packets_{direction}"]), {"direction": direction})
+                yield (
+                    "mongarsd_mesh_packets_total",
+                    "counter",
+                    "Gossip packets.",
+                    float(gm[f"packets_{direction}"]),
+                    {"direction": direction},
+                )
                 yield ("mongarsd_mesh_bytes_total", "counter", "Gossip bytes.", float(gm[f"bytes_{direction}"]), {"direction": direction})
             for reason, n in gm["drops"].items():
                 yield ("mongarsd_mesh_drops_total", "counter", "Gossip packets dropped, by reason.", float(n), {"reason": str(reason)})
@@ -746,16 +779,38 @@ class MeshService:
             yield ("mongarsd_mesh_forward_failures_total", "counter", "Forwards that failed, by reason.", float(n), {"reason": reason})
         if self._verifier is not None:
             for reason, n in self._verifier.rejected.items():
-                yield ("mongarsd_mesh_peer_requests_rejected_total", "counter", "Signed peer requests refused.", float(n), {"reason": reason})
+                yield (
+                    "mongarsd_mesh_peer_requests_rejected_total",
+                    "counter",
+                    "Signed peer requests refused.",
+                    float(n),
+                    {"reason": reason},
+                )
         for peer, b in self.breakers.items():
-            yield ("mongarsd_mesh_breaker_open", "gauge", "1 when the peer's circuit breaker is open.", 1.0 if b.state is BreakerState.OPEN else 0.0, {"peer": peer})
-        yield ("mongarsd_mesh_forward_fallback_local_total", "counter", "Requests run here after every better peer failed.", float(self.counters["forward_fallback_local"]), {})
+            yield (
+                "mongarsd_mesh_breaker_open",
+                "gauge",
+                "1 when the peer's circuit breaker is open.",
+                1.0 if b.state is BreakerState.OPEN else 0.0,
+                {"peer": peer},
+            )
+        yield (
+            "mongarsd_mesh_forward_fallback_local_total",
+            "counter",
+            "Requests run here after every better peer failed.",
+            float(self.counters["forward_fallback_local"]),
+            {},
+        )
 
 
 def member_public(m: MemberView, *, local_id: str | None, breaker: str | None) -> dict[str, Any]:
     """Describe a member for /api/v1/peer/list."""
     meta = dict(m.meta)
-    api = f"http://{meta['api_host']}:{meta['api_port']}" if isinstance(meta.get("api_host"), str) and isinstance(meta.get("api_port"), int) else None
+    api = (
+        f"http://{meta['api_host']}:{meta['api_port']}"
+        if isinstance(meta.get("api_host"), str) and isinstance(meta.get("api_port"), int)
+        else None
+    )
     return {
         "node_id": m.node_id,
         "self": m.node_id == local_id,
@@ -774,4 +829,3 @@ def member_public(m: MemberView, *, local_id: str | None, breaker: str | None) -
         "throttled": meta.get("throttled"),
         "breaker": breaker,
     }
-

@@ -77,11 +77,26 @@ class Node:
 
     def start(self) -> None:
         fh = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "mongarsd", "run", "--host", "0.0.0.0", "--port", str(API_PORT), "--state-dir", str(self.state_dir), "--models-dir", str(MODELS_DIR)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mongarsd",
+            "run",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(API_PORT),
+            "--state-dir",
+            str(self.state_dir),
+            "--models-dir",
+            str(MODELS_DIR),
+        ]
         self.proc = self.lab.popen(self.index, *cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
         fh.close()
 
-    def curl(self, method: str, url: str, body: Any = None, *, token: str | None = None, timeout_s: float = 10.0) -> tuple[int, dict[str, str], Any]:
+    def curl(
+        self, method: str, url: str, body: Any = None, *, token: str | None = None, timeout_s: float = 10.0
+    ) -> tuple[int, dict[str, str], Any]:
         """Make an HTTP request from inside this node's namespace; return (status, headers, json)."""
         args = ["curl", "-sS", "-X", method, "-D", "-", "--max-time", str(timeout_s), url]
         if token:
