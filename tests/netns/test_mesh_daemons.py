@@ -74,6 +74,7 @@ class Node:
         self.log_path = tmp / f"n{index}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.node_id = ""
+        self.models_dir = MODELS_DIR
 
     def start(self) -> None:
         fh = self.log_path.open("ab")
@@ -89,7 +90,7 @@ class Node:
             "--state-dir",
             str(self.state_dir),
             "--models-dir",
-            str(MODELS_DIR),
+            str(self.models_dir),
         ]
         self.proc = self.lab.popen(self.index, *cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT)
         fh.close()
@@ -226,3 +227,77 @@ def test_daemons_form_a_mesh_refuse_outsiders_detect_kill_and_heal_partitions(ne
     status, _, doc = nodes[1].local("POST", "/api/v1/peer/leave", {})
     assert status == 200 and doc["status"] == "left"
     wait_for(lambda: nodes[0].members().get(nodes[1].node_id) == "left", 5.0, "leave seen", nodes[:1])
+
+
+GEN_MODEL = "smollm2-135m-instruct:q4_1"
+
+
+def test_generation_is_forwarded_to_a_node_with_the_model_and_fails_over_on_kill(
+    netns_lab: Callable[[int], NetnsLab], tmp_path: Path
+) -> None:
+    """Node 0 has no model files; nodes 1 and 2 have the default model loaded. Requests at node 0
+    are served by a peer (signed, hop 1); when that peer is SIGKILLed, the next request fails
+    over to the other before any byte reaches the client."""
+    if not (MODELS_DIR / "SmolLM2-135M-Instruct-Q4_1.gguf").exists():
+        pytest.skip("default model not present in models/")
+    lab = netns_lab(3)
+    entry = Node(lab, 0, tmp_path, key=None)
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    entry.models_dir = empty
+    workers = [Node(lab, i, tmp_path, key=entry.key, models=True) for i in (1, 2)]
+    nodes = [entry, *workers]
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_ready()
+    ids = {n.node_id for n in nodes}
+    wait_for(lambda: all(n.alive() == ids for n in nodes), MEMBERSHIP_WITHIN_S, "membership", nodes)
+    worker_ids = {w.node_id for w in workers}
+
+    # wait until the workers' gossip says the model is loaded
+    def loaded_everywhere() -> bool:
+        status, _, doc = entry.local("GET", "/api/v1/peer/list")
+        return status == 200 and all(GEN_MODEL in m["models_loaded"] for m in doc["members"] if m["node_id"] in worker_ids)
+
+    wait_for(loaded_everywhere, 30.0, "models loaded", nodes)
+
+    req = {"model": GEN_MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
+    status, headers, doc = entry.local("POST", "/v1/chat/completions", req, timeout_s=60)
+    assert status == 200, doc
+    served = headers.get("x-mongars-served-by")
+    assert served in worker_ids
+    assert doc["choices"][0]["message"]["content"] is not None
+
+    # Streaming passes through (SSE) from the peer.
+    args = [
+        "curl",
+        "-sS",
+        "-N",
+        "-D",
+        "-",
+        "--max-time",
+        "60",
+        f"http://127.0.0.1:{API_PORT}/v1/chat/completions",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        json.dumps({**req, "stream": True}),
+    ]
+    out = lab.run(0, *args, timeout=65).stdout
+    assert "x-mongars-served-by:" in out.lower() and "data: [DONE]" in out
+    assert out.count("data: ") >= 2
+
+    # SIGKILL the node that served; before gossip notices, the next request must fail over.
+    victim = next(w for w in workers if w.node_id == served)
+    other = next(w for w in workers if w.node_id != served)
+    victim.kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    status, headers, doc = entry.local("POST", "/v1/chat/completions", req, timeout_s=60)
+    elapsed = time.monotonic() - t0
+    assert status == 200, doc
+    assert headers.get("x-mongars-served-by") == other.node_id
+    metrics = lab.run(0, "curl", "-sS", f"http://127.0.0.1:{API_PORT}/metrics").stdout
+    print(
+        f"\nfailover request answered in {elapsed:.2f}s; forward failures: {[m for m in metrics.splitlines() if m.startswith('mongarsd_mesh_forward_failures_total')]}"
+    )
