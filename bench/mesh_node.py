@@ -39,6 +39,8 @@ from mongarsd.mesh.keyring import Keyring
 from mongarsd.mesh.transport import UdpTcpTransport
 
 WATCH_POLL_S: Final = 0.01
+JOIN_RETRIES: Final = 3
+JOIN_RETRY_S: Final = 0.5
 CLUSTER_LABEL: Final = "bench"
 STATE_KEY: Final = "bench_v"
 
@@ -98,9 +100,19 @@ class Runner:
         """Run one command; return False when the runner should exit."""
         op = cmd.get("cmd")
         if op == "join":
+            # One node after another: a seed serves a bounded number of concurrent streams.
+            # A node whose join found no seed retries, as a daemon does with its seeds.
             seeds = [(str(h), int(p)) for h, p in cmd["seeds"]]
-            ok = await asyncio.gather(*(n.async_join(seeds) for n in self.nodes))
-            emit({"ev": "joined", "ok": list(ok)})
+            ok: list[int] = []
+            retries = 0
+            for n in self.nodes:
+                got = await n.async_join(seeds)
+                while got == 0 and retries < JOIN_RETRIES * len(self.nodes):
+                    retries += 1
+                    await asyncio.sleep(JOIN_RETRY_S)
+                    got = await n.async_join(seeds)
+                ok.append(got)
+            emit({"ev": "joined", "ok": ok, "retries": retries})
         elif op == "set":
             node = self.nodes[int(cmd["node"])]
             t = time.monotonic()
@@ -192,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--key-hex", required=True)
     parser.add_argument("--timing", default="lan", choices=sorted(PRESETS))
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(stream=sys.stderr, level=level)
     structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
     return asyncio.run(async_main(args))
