@@ -674,10 +674,15 @@ class MeshService:
                 m = ev.member
                 if ev.kind in (EventKind.FAIL, EventKind.LEAVE):
                     self._pending.pop(m.node_id, None)
-                if ev.kind is EventKind.UPDATE:
-                    log.debug("mesh_member_updated", peer=m.node_id, incarnation=m.incarnation)
-                else:
-                    log.info("mesh_member_" + ev.kind.value, peer=m.node_id, addr=f"{m.addr[0]}:{m.addr[1]}", state=m.state)
+                # GossipNode logs joins/leaves/failures itself at info; keep ours for debugging.
+                log.debug(
+                    "mesh_event",
+                    kind=ev.kind.value,
+                    peer=m.node_id,
+                    addr=f"{m.addr[0]}:{m.addr[1]}",
+                    state=m.state,
+                    incarnation=m.incarnation,
+                )
         finally:
             gossip.unsubscribe(q)
 
