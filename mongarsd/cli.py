@@ -181,8 +181,9 @@ def _domain_registrars() -> list[Callable[..., None]]:
     """Subcommands owned by domain packages (models, keys, peers, chat)."""
     from mongarsd import chat_client
     from mongarsd.inference import cli as model_cli
+    from mongarsd.mesh import cli as mesh_cli
 
-    registrars: list[Callable[..., None]] = [chat_client.register, model_cli.register]
+    registrars: list[Callable[..., None]] = [chat_client.register, model_cli.register, mesh_cli.register]
     return registrars
 
 

@@ -166,12 +166,20 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
         if principal is None:
             raise AuthError("authentication required: send Authorization: Bearer <token> (create one with `mongarsd token create`)")
         check_role(principal, needed)
-        wait = buckets.take(principal.rate_key) if not principal.loopback or principal.token_id else 0.0
+        # The origin node already charged the user's bucket for a signed forward; admission control still bounds it.
+        forwarded = principal.role == "peer" and (principal.token_id or "").startswith("peer:")
+        throttled = (not principal.loopback or principal.token_id) and not forwarded
+        wait = buckets.take(principal.rate_key) if throttled else 0.0
         if wait > 0:
             raise OverloadedError(f"rate limit exceeded for this token ({cfg.auth.rate_limit_rps:g} requests/s)", retry_after_s=wait)
         return await handler(request)
 
     async def _authenticate(request: web.Request) -> Principal | None:
+        # A node-signed forward is checked first, so one arriving over loopback is never the local admin.
+        if ctx.mesh is not None:
+            peer: Principal | None = await ctx.mesh.async_authenticate(request)
+            if peer is not None:
+                return peer
         header = request.headers.get("Authorization")
         loopback = is_loopback(request.remote)
         if header:
