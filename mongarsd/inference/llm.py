@@ -214,7 +214,8 @@ def choose_slot(idle: Sequence[SlotCandidate], cache_key: str | None, prompt_len
     1. the slot last used by the same conversation (`cache_key`);
     2. else the slot sharing the longest prefix, if it covers at least
        SLOT_SIMILARITY_MIN of the prompt;
-    3. else an empty slot, else the least recently used one.
+    3. else an empty slot, else the least recently used one, keeping conversation
+       (cache_key) caches over anonymous ones.
     """
     if not idle:
         return None
@@ -225,7 +226,8 @@ def choose_slot(idle: Sequence[SlotCandidate], cache_key: str | None, prompt_len
     best = max(idle, key=lambda c: (c.prefix_len, -c.last_used))
     if best.prefix_len > 0 and best.prefix_len >= SLOT_SIMILARITY_MIN * max(prompt_len, 1):
         return best.index
-    return min(idle, key=lambda c: (c.n_cached > 0, c.last_used, c.index)).index
+    # overwrite anonymous caches before a conversation's, each least recently used first
+    return min(idle, key=lambda c: (c.n_cached > 0, c.cache_key is not None, c.last_used, c.index)).index
 
 
 def plan_kv(

@@ -67,6 +67,9 @@ def test_choose_slot_ignores_tiny_prefix_and_takes_empty_then_lru() -> None:
     idle = [cand(0, cached=500, used=3), cand(2, cached=10, used=1)]
     assert choose_slot(idle, None, 1000) == 2
     assert choose_slot([], None, 10) is None
+    # a conversation's cache outlives an anonymous one even if used earlier
+    idle = [cand(0, key="conv", cached=300, used=1), cand(1, cached=10, used=7)]
+    assert choose_slot(idle, None, 1000) == 1
 
 
 def test_plan_kv() -> None:
