@@ -399,6 +399,8 @@ class LlamaEngine:
         self.use_mlock = use_mlock
         self.gpu_layers = gpu_layers
         self._warmup = warmup
+        self._warmup_token = 0
+        self._ready = threading.Event()
 
         self._lib: Any = None
         self._model: Any = None
@@ -452,8 +454,16 @@ class LlamaEngine:
         await asyncio.to_thread(self._load)
         self._stopping = False
         self._accepting = True
+        self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="mongarsd-llm-" + self.model_id, daemon=True)
         self._thread.start()
+        # the warm-up decode runs on the inference thread so that its OpenMP team is the one
+        # reused for every later decode
+        await asyncio.to_thread(self._ready.wait, self.start_timeout_s)
+        if not self._thread.is_alive():
+            self._thread = None
+            await asyncio.to_thread(self._free)
+            raise InferenceError("inference thread for " + self.model_id + " died while starting")
         log.info(
             "llm_started",
             model=self.model_id,
@@ -543,8 +553,7 @@ class LlamaEngine:
         self._bos_text = self._special_text(bos)
         template_src = self.info.chat_template if self.info else None
         self.chat_template = ChatTemplate(template_src, bos_token=self._bos_text, eos_token=self._special_text(eos))
-        if self._warmup:
-            self._do_warmup(bos if bos >= 0 else 0)
+        self._warmup_token = bos if bos >= 0 else 0
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -553,7 +562,7 @@ class LlamaEngine:
         return raw.decode("utf-8", "replace") if raw else ""
 
     def _do_warmup(self, token: int) -> None:
-        """Run one decode so the first request does not pay for lazy init (blocking)."""
+        """Run one decode so the first request does not pay for lazy init (inference thread)."""
         lib = self._lib
         b = self._batch
         b.n_tokens = 1
@@ -817,6 +826,9 @@ class LlamaEngine:
         """Inference thread main loop: admit, batch, decode, sample, deliver."""
         slots = self._slot_list
         try:
+            if self._warmup:
+                self._do_warmup(self._warmup_token)
+            self._ready.set()
             while not self._stopping:
                 self._wake.clear()
                 out: list[tuple[_Request, TokenEvent | BaseException]] = []
@@ -835,6 +847,7 @@ class LlamaEngine:
             self._fail_all(InferenceError("inference thread crashed: " + str(err)))
             raise
         finally:
+            self._ready.set()
             self._fail_all(InferenceError("model " + self.model_id + " stopped"))
 
     def _send(self, out: list[tuple[_Request, TokenEvent | BaseException]]) -> None:
