@@ -282,3 +282,14 @@ async def test_full_kv_ends_the_longest_generation_instead_of_failing(monkeypatc
         assert eng.stats().kv_cache_tokens <= cells
     finally:
         await eng.async_stop()
+
+
+async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None:
+    # the grammar forces text whose emoji spans several byte-level tokens
+    assert len(engine.tokenize("🐱", add_special=False)) > 1
+    tokens = engine.tokenize("Say it:", add_special=True)
+    params = GenerationParams(max_tokens=20, temperature=0, grammar='root ::= "🐱 café 🐶"')
+    events = [ev async for ev in engine.async_generate(tokens, params)]
+    assert events[-1].finish_reason == "stop"
+    assert "".join(ev.text for ev in events) == "🐱 café 🐶"
+    assert all("\ufffd" not in ev.text for ev in events)
