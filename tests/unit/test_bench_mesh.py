@@ -22,6 +22,7 @@ from bench.mesh import (
     summarize_runs,
     throughput_summary,
 )
+from bench.mesh import _only_from_bench_run as only_from_bench_run
 from bench.serf import parse_agent_line, parse_statsd
 
 
@@ -161,3 +162,11 @@ def test_throughput_summary_rates_and_ratio() -> None:
     assert s["single_rps"] == pytest.approx(1.0) and s["mesh_rps"] == pytest.approx(1.5)
     assert s["ratio"] == pytest.approx(1.5)
     assert throughput_summary({"completed": 0, "errors": 3, "elapsed_s": 30.0}, three)["ratio"] is None
+
+
+def test_only_ids_are_read_from_bench_run_argv_only() -> None:
+    assert only_from_bench_run(["/work/main/bench/run.py", "--only", "P10,p1"]) == {"P10", "P1"}
+    assert only_from_bench_run(["/work/main/bench/run.py", "--only=P11"]) == {"P11"}
+    assert only_from_bench_run(["/work/main/bench/run.py"]) is None
+    assert only_from_bench_run(["-m", "--only", "P10"]) is None
+    assert only_from_bench_run([]) is None
