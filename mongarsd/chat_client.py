@@ -44,7 +44,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
     token = args.token or os.environ.get("MONGARSD_TOKEN")
     history: list[dict[str, str]] = []
     interactive = stdin.isatty()
-    reader = ask or (lambda prompt: input(prompt))
+    reader = ask or input
     if interactive:
         print(f"mongarsd chat with {args.model} at {url}; /quit to leave, /reset to forget this conversation", file=stdout)
     while True:
