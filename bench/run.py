@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,24 @@ from bench.common import REPO, TARGET_IDS, describe_machine, dump_json, finalize
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11")}
+LLM_IDS = {"P1", "P2", "P3", "P4", "P5", "P12"}
+
+
+@contextmanager
+def load_noted(results: dict[str, Any], pids: tuple[str, ...]) -> Iterator[None]:
+    """Record the 1-minute load average before and after a group in its entries' details.
+
+    Other work on a small board skews every number; this says how busy the machine was.
+    """
+    before = os.getloadavg()[0]
+    yield
+    after = os.getloadavg()[0]
+    for pid in pids:
+        entry = results.get(pid)
+        if isinstance(entry, dict):
+            details = entry.setdefault("details", {})
+            if isinstance(details, dict):
+                details["loadavg_1m_before_after"] = [round(before, 2), round(after, 2)]
 
 
 def parse_only(text: str | None) -> set[str]:
@@ -52,8 +75,14 @@ def run_team_module(name: str, pids: tuple[str, ...], results: dict[str, Any], o
             results[pid] = skipped_entry(pid, f"bench/{name}.py does not exist yet")
         return
     sub: dict[str, Any] = {}
+    params = inspect.signature(module.run).parameters
+    kwargs: dict[str, Any] = {}
+    if "only" in params:
+        kwargs["only"] = set(wanted)
+    if "log" in params:
+        kwargs["log"] = log
     try:
-        module.run(sub)
+        module.run(sub, **kwargs)
     except Exception as err:  # a teammate's broken module must not lose the other results
         for pid in wanted:
             results[pid] = skipped_entry(pid, f"error in bench/{name}.py: {type(err).__name__}: {err}")
@@ -61,6 +90,10 @@ def run_team_module(name: str, pids: tuple[str, ...], results: dict[str, Any], o
         return
     for pid in wanted:
         results[pid] = sub.get(pid) or skipped_entry(pid, f"bench/{name}.py did not report {pid}")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' state dirs and logs")
     args = parser.parse_args(argv)
+    # `timeout`/CI stop us with SIGTERM: unwind (finally blocks stop the daemons and servers we started).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     only = parse_only(args.only)
 
+    t_start = time.monotonic()
+
     def log(msg: str) -> None:
-        print(msg, flush=True)
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
 
     models_dir = args.models_dir.resolve()
     settings = resolve_settings(models_dir)
@@ -87,17 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "P6" in only:
             log("P6 embeddings ...")
-            embed.run(results, settings=settings, log=log)
+            with load_noted(results, ("P6",)):
+                embed.run(results, settings=settings, log=log)
         if {"P8", "P9"} & only:
             log("P8/P9 startup ...")
-            startup.run(results, settings=settings, workdir=workdir, only=only, log=log)
-        if {"P1", "P2", "P3", "P4", "P5", "P12"} & only:
+            with load_noted(results, ("P8", "P9")):
+                startup.run(results, settings=settings, workdir=workdir, only=only, log=log)
+        if LLM_IDS & only:
             log("P1-P5, P12 inference ...")
-            llm.run(results, settings=settings, workdir=workdir, only=only, log=log)
+            with load_noted(results, tuple(LLM_IDS)):
+                llm.run(results, settings=settings, workdir=workdir, only=only, log=log)
         for name, pids in TEAM_MODULES.items():
             if set(pids) & only:
                 log(f"{'/'.join(pids)} {name} ...")
-                run_team_module(name, pids, results, only, log)
+                with load_noted(results, pids):
+                    run_team_module(name, pids, results, only, log)
     finally:
         if args.keep_logs:
             log(f"logs and state dirs kept in {workdir}")
