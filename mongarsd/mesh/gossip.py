@@ -732,7 +732,9 @@ class GossipNode:
             waiter.future.cancel()
         self._counters.probe_failures += 1
         cur = self._members.get(target.node_id)
-        if cur is not None and cur.state is MemberState.ALIVE:
+        # As memberlist's suspectNode: a failed probe of a member already suspect is one more independent
+        # confirmation, which shortens its Lifeguard suspicion timeout (Lifeguard §IV-B).
+        if cur is not None and cur.state in (MemberState.ALIVE, MemberState.SUSPECT):
             self._apply_suspect(Suspect(cur.node_id, cur.incarnation, self.node_id))
 
     async def _async_indirect(self, req: IndirectPing, requester: Addr) -> None:
