@@ -18,7 +18,10 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["mongarsd", "mongarsd.*"]),
-    data_files=[("share/mongarsd/configs/boards", [str(p) for p in sorted((ROOT / "configs" / "boards").glob("*.toml"))])],
+    data_files=[
+        ("share/mongarsd/configs/boards", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configs" / "boards").glob("*.toml"))]),
+        ("share/mongarsd/systemd", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "systemd").glob("*")) if p.suffix in (".service", ".conf")]),
+    ],
     install_requires=[
         # native/ builds llama.cpp's tools from exactly this version's vendored source
         "llama-cpp-python==0.3.36",
