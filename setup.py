@@ -30,6 +30,7 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "numpy>=1.26",
+        "jinja2>=3.1",  # chat templates rendered in a sandbox
         "aiosqlite>=0.20",
         "aiohttp>=3.9.4",
         "psutil>=5.9",
