@@ -26,6 +26,17 @@ def chart_rows(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, floa
             if entry.get("skipped") or observed is None:
                 rows.append((label, None, None, "skipped" if entry.get("skipped") else "n/a"))
                 continue
+            value, reference = entry.get("value"), entry.get("reference")
+            if (
+                spec.field == "delta_ms"
+                and isinstance(value, int | float)
+                and isinstance(reference, int | float)
+                and reference + spec.threshold > 0
+            ):
+                # "<= reference + 10 ms": scale the value by its allowance, so the line is still the target
+                allowed = reference + spec.threshold
+                rows.append((label, value / allowed, row.get("met"), f"{value:.3g} ms (<= {reference:.3g} + {spec.threshold:g})"))
+                continue
             scaled = observed / spec.threshold if spec.threshold else None
             rows.append((label, scaled, row.get("met"), f"{observed:.3g} ({spec.op} {spec.threshold:g})"))
     return rows
@@ -41,14 +52,14 @@ def draw(results: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> No
     rows = chart_rows(results)
     fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.4))
     labels = [r[0] for r in rows]
-    values = [r[1] if r[1] is not None else 0.0 for r in rows]
+    values = [max(r[1], 0.0) if r[1] is not None else 0.0 for r in rows]
     colors = [GREY if r[1] is None else GREEN if r[2] else RED for r in rows]
     ys = range(len(rows))
     ax.barh(list(ys), values, color=colors)
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
     top = max([*values, 1.0]) * 1.35
     for y, r in zip(ys, rows, strict=True):
-        ax.text((r[1] or 0.0) + top * 0.01, y, r[3], va="center", fontsize=8)
+        ax.text(max(r[1] or 0.0, 0.0) + top * 0.01, y, r[3], va="center", fontsize=8)
     ax.set_yticks(list(ys), labels)
     ax.invert_yaxis()
     ax.set_xlim(0, top)

@@ -146,6 +146,12 @@ def test_chart_rows_scale_to_threshold() -> None:
     assert rows["P1"] == (None, None)
 
 
+def test_chart_p3_is_scaled_by_its_allowance() -> None:
+    out = finalize({"P3": make_entry("P3", value=90.0, reference=91.0, delta_ms=-1.0)}, machine="m", measured_at="t")
+    rows = {label: (scaled, met) for label, scaled, met, _ in chart_rows(out)}
+    assert rows["P3"] == (pytest.approx(90.0 / 101.0), True)
+
+
 PROM = """# HELP mongarsd_event_loop_lag_seconds Event loop scheduling lag.
 # TYPE mongarsd_event_loop_lag_seconds histogram
 mongarsd_event_loop_lag_seconds_bucket{le="0.001"} 50.0
