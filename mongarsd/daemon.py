@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import ipaddress
 import os
@@ -62,6 +63,15 @@ class InstanceLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS after start-up (glibc keeps them otherwise; instantaneous)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to trim
 
 
 def is_loopback_host(host: str) -> bool:
@@ -292,6 +302,7 @@ class Daemon:
             return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_FAILURE
         for name, factory in self.loops:
             tasks.spawn(name, factory)
+        release_free_heap()
         ctx.ready = True
         metrics.ready.set(1)
         if self.notifier.watchdog_interval_s:

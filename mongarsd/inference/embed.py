@@ -181,9 +181,13 @@ class Embedder:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mongarsd-embed")
         try:
-            await self._async_call(self._load_tokenizer_blocking)
             if self.preload:
                 await self._async_call(self._ensure_session_blocking)
+            else:
+                # Lazy: check the files now (clear errors at start), load them on first use.
+                missing = [p.name for p in (self.model_dir / "tokenizer.json", self.model_path) if not p.is_file()]
+                if missing:
+                    self._fail(f"embedding model files missing in {self.model_dir}: {', '.join(missing)}")
         except EmbedderUnavailableError as err:
             # Start degraded rather than take the daemon down: recall and /v1/embeddings
             # report the error on every call until the files are fixed.
@@ -248,8 +252,13 @@ class Embedder:
         return np.stack([found[t] for t in items]).astype(np.float32, copy=False)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Return the tokens the model sees per text (special tokens included, truncated)."""
+        """Return the tokens the model sees per text (special tokens included, truncated).
+
+        Without preload the tokenizer is read on first use: a one-off ~0.5 MB parse, then cached.
+        """
         items = validate_texts(texts, self.max_texts)
+        if self._tokenizer is None:
+            self._load_tokenizer_blocking()
         tok = self._tokenizer
         if tok is None:
             raise EmbedderUnavailableError(self._last_error or "embedder tokenizer is not loaded")
@@ -319,6 +328,10 @@ class Embedder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Do not spin idle worker threads: on a small board llama.cpp needs those cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Memory over reuse: batches vary in shape, so the arena and memory patterns mostly hold
+        # peak-sized buffers forever (~60 MB here) for no measurable speed-up (DESIGN §9 P8).
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         started = time.monotonic()
         try:

@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import psutil
@@ -28,7 +28,6 @@ from mongarsd.api.auth import PRINCIPAL, Principal
 from mongarsd.errors import ConfigError, MeshError, WireError
 from mongarsd.mesh import const
 from mongarsd.mesh.breaker import BreakerBoard, BreakerState
-from mongarsd.mesh.discovery import Discovery, ServiceProps
 from mongarsd.mesh.forward import (
     H_SIG,
     ClientGone,
@@ -48,6 +47,9 @@ from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_stat
 from mongarsd.mesh.state import encode_state
 from mongarsd.mesh.transport import UdpTcpTransport, free_port
 from mongarsd.mesh.wire import Addr
+
+if TYPE_CHECKING:
+    from mongarsd.mesh.discovery import Discovery, ServiceProps
 
 log = structlog.get_logger("mongarsd.mesh")
 
@@ -536,6 +538,9 @@ class MeshService:
         self._verifier = RequestVerifier(local_node_id=self.identity.node_id, public_key_of=self._public_key_of)
         self._session = aiohttp.ClientSession()
         if mcfg.mdns or mcfg.seeds:
+            # zeroconf is imported only when the mesh runs: a lone board does not pay for it.
+            from mongarsd.mesh.discovery import Discovery, ServiceProps
+
             props = ServiceProps(
                 version=self._version,
                 board=str(getattr(self._board, "profile", "generic") or "generic"),
