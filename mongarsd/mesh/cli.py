@@ -8,7 +8,7 @@ keys list               key ids, primary marked; never the keys
 peers list              GET  /api/v1/peer/list
 peers join URL          POST /api/v1/peer/register {url}
 peers leave             POST /api/v1/peer/leave
-A running daemon reads the keyring at start: restart it (or send SIGHUP) after a change.
+A running daemon follows changes to the keyring file within a few seconds, without a restart.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mongarsd.errors import MongarsError
 from mongarsd.mesh.keyring import Keyring, KeyringError, decode_key, encode_key, generate_key, key_id
 
 HTTP_TIMEOUT_S = 10.0
-RESTART_HINT = "# restart the daemon (or `systemctl reload mongarsd` / SIGHUP) for it to take effect"
+RESTART_HINT = "# a running daemon applies this within a few seconds; do the same step on every node before the next one"
 
 
 def _keyring_path(args: argparse.Namespace) -> Path:

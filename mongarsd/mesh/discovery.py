@@ -388,6 +388,11 @@ class Discovery:
                 await aiozc.async_close()
         log.info("mesh_discovery_stopped", node_id=self._node_id)
 
+    @property
+    def props(self) -> ServiceProps:
+        """The properties this node currently advertises."""
+        return self._props
+
     async def async_update_props(self, props: ServiceProps) -> None:
         """Re-announce changed props (e.g. a new primary cluster key id after rotation)."""
         self._txt = props.to_txt(self._node_id)

@@ -125,6 +125,14 @@ class Keyring:
             raise KeyringError("key is not installed")
         del self._keys[kid]
 
+    def replace_with(self, other: Keyring) -> bool:
+        """Take another keyring's keys in place (the cipher holds this object); True when anything changed."""
+        if other._primary == self._primary and other._keys == self._keys:
+            return False
+        self._primary = other._primary
+        self._keys = dict(other._keys)
+        return True
+
     def to_json(self) -> bytes:
         """Serialise the keyring (primary first)."""
         doc = {"primary": encode_key(self._primary), "keys": [encode_key(k) for k in self.keys()]}

@@ -10,6 +10,7 @@ generation requests to the best node (see scheduler.py), signed with this node's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import math
 import time
@@ -56,6 +57,7 @@ log = structlog.get_logger("mongarsd.mesh")
 MESH_DIR: Final = "mesh"
 IDENTITY_FILE: Final = "identity.key"
 KEYRING_FILE: Final = "keyring.json"
+KEYRING_POLL_S: Final = 2.0  # `mongarsd keys ...` edits the file; the running mesh follows within this
 PUBLISH_INTERVAL_S: Final = 1.0
 TOKENS_EWMA_ALPHA: Final = 0.3
 STATIC_REJOIN_INTERVAL_S: Final = 30.0
@@ -73,6 +75,15 @@ ALIVE_STATES: Final = frozenset({"alive", "suspect"})
 
 def mesh_dir(state_dir: Path) -> Path:
     return state_dir / MESH_DIR
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """Return (mtime_ns, size) of a file, None when absent (blocking but instantaneous)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def keyring_path(state_dir: Path) -> Path:
@@ -561,6 +572,7 @@ class MeshService:
                 mdns=bool(mcfg.mdns),
             )
             await self.discovery.async_start()
+        self._spawn(self._async_keyring_watch_loop(keyring_path(self._state_dir)), "mesh-keyring-watch")
         self._spawn(self._async_publish_loop(), "mesh-publish")
         self._spawn(self._async_event_loop(gossip), "mesh-events")
         self._spawn(self._async_static_loop(), "mesh-static-peers")
@@ -651,6 +663,29 @@ class MeshService:
             state["api_host"] = self._api_host
             state["api_port"] = self._api_port
         return fit_state(state)
+
+    async def _async_keyring_watch_loop(self, path: Path) -> None:
+        """Follow keyring edits (install/use/remove) without a restart: Serf-style rotation, no downtime."""
+        last = await asyncio.to_thread(_file_stamp, path)
+        while True:
+            await asyncio.sleep(KEYRING_POLL_S)
+            stamp = await asyncio.to_thread(_file_stamp, path)
+            if stamp == last or stamp is None:
+                continue
+            last = stamp
+            try:
+                fresh = await asyncio.to_thread(Keyring.load, path)
+            except MeshError as err:  # a half-edited or broken file: keep the keys we have
+                log.warning("keyring_reload_failed", path=str(path), error=str(err))
+                continue
+            assert self.keyring is not None
+            old_primary = self.keyring.primary_key_id
+            if not self.keyring.replace_with(fresh):
+                continue
+            log.info("keyring_reloaded", primary=self.keyring.primary_key_id.hex(), keys=len(self.keyring.keys()))
+            if self.keyring.primary_key_id != old_primary and self.discovery is not None:
+                props = dataclasses.replace(self.discovery.props, cluster_key_id=self.keyring.primary_key_id.hex())
+                await self.discovery.async_update_props(props)
 
     async def _async_publish_loop(self) -> None:
         ticks = 0

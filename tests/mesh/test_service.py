@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.mesh.forward import H_SERVED_BY, ReplayCache, RequestVerifier, sign_headers
 from mongarsd.mesh.identity import NodeIdentity
-from mongarsd.mesh.keyring import Keyring, generate_key
+from mongarsd.mesh.keyring import Keyring, generate_key, key_id
 from mongarsd.mesh.peers import normalize_peer_url
 from mongarsd.mesh.service import REQ_HOPS, REQ_SENDER, MeshService, keyring_path
 from mongarsd.mesh.transport import free_port
@@ -478,3 +480,34 @@ async def test_identity_is_stable_and_regenerated_with_a_new_machine_id(tmp_path
         ids.append(mesh.node_id)
         await mesh.async_stop()
     assert ids[0] == ids[1] != ids[2]
+
+
+async def test_live_key_rotation_through_the_keyring_file_keeps_the_mesh(trio: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `mongarsd keys install/use/remove` do: edit each node's keyring file; the running mesh follows.
+    import mongarsd.mesh.service as service_mod
+
+    monkeypatch.setattr(service_mod, "KEYRING_POLL_S", 0.1)
+    old = trio[0].mesh.keyring.primary_key  # type: ignore[union-attr]
+    new = generate_key()
+    paths = [keyring_path(tmp_path / f"n{i}") for i in range(3)]
+
+    async def edit_all(step: Callable[[Keyring], None]) -> None:
+        for p in paths:
+            ring = await asyncio.to_thread(Keyring.load, p)
+            step(ring)
+            await asyncio.to_thread(ring.save, p)
+            os.utime(p, ns=(time.time_ns(), time.time_ns() + 1))  # a distinct mtime even on coarse clocks
+
+    # The loops already running pick up the shorter poll after their current sleep.
+    await edit_all(lambda r: r.install(new))
+    await wait_until(lambda: all(n.mesh.keyring.lookup(key_id(new)) == new for n in trio), 10.0)  # type: ignore[union-attr]
+    await edit_all(lambda r: r.use(new))
+    await wait_until(lambda: all(n.mesh.keyring.primary_key == new for n in trio), 10.0)  # type: ignore[union-attr]
+    await edit_all(lambda r: r.remove(old))
+    await wait_until(lambda: all(n.mesh.keyring.lookup(key_id(old)) is None for n in trio), 10.0)  # type: ignore[union-attr]
+    ids = {n.mesh.node_id for n in trio}
+    await asyncio.sleep(1.0)  # a few probe rounds on the new key alone
+    for n in trio:
+        assert {m.node_id for m in n.mesh.members() if m.state == "alive"} == ids
+        drops = n.mesh.gossip.metrics()["drops"]  # type: ignore[union-attr]
+        assert drops.get("unknown_key", 0) == 0 and drops.get("decrypt_failed", 0) == 0, drops
