@@ -328,10 +328,10 @@ class Embedder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Do not spin idle worker threads: on a small board llama.cpp needs those cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Memory over reuse: batches vary in shape, so the arena and memory patterns mostly hold
-        # peak-sized buffers forever (~60 MB here) for no measurable speed-up (DESIGN §9 P8).
+        # Without the arena, peak-sized buffers of odd-shaped batches go back to the OS (~35 MB here)
+        # at no measured speed cost; memory patterns stay on: turning them off saved ~24 MB but cost
+        # a few percent of embeddings/s (DESIGN §9 P6 vs P8).
         opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
         opts.log_severity_level = 3
         started = time.monotonic()
         try:
