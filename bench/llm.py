@@ -250,7 +250,7 @@ def daemon_overrides(settings: BenchSettings) -> dict[str, str]:
         "MONGARSD_INFERENCE__THREADS": t,
         "MONGARSD_INFERENCE__THREADS_BATCH": t,
         "MONGARSD_INFERENCE__SLOTS": str(STREAMS),
-        "MONGARSD_INFERENCE__N_CTX": str(STREAMS * CTX_PER_STREAM),
+        "MONGARSD_INFERENCE__N_CTX": str(CTX_PER_STREAM),  # per slot, as llama-server -c total -np N
         "MONGARSD_INFERENCE__N_BATCH": str(N_BATCH),
         "MONGARSD_INFERENCE__N_UBATCH": str(N_BATCH),
         "MONGARSD_INFERENCE__FLASH_ATTN": "false",

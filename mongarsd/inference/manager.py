@@ -130,12 +130,17 @@ def kv_bytes_per_cell(info: GGUFInfo, kv_cache_type: str, flash_attn: bool) -> f
     return float(layers * heads_kv * (k_len * k_bytes + v_len * v_bytes))
 
 
-def estimate_model_mb(file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool) -> float:
-    """Estimate the resident memory of a loaded model: weights + KV cache + compute buffers (pure)."""
+def estimate_model_mb(
+    file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool, slots: int = 1
+) -> float:
+    """Estimate the resident memory of a loaded model: weights + KV cache + compute buffers (pure).
+
+    `n_ctx` is one slot's context; every slot has its own KV stream of that size.
+    """
     weights = file_bytes / 2**20
     if info is None:
         return weights * 1.2 + COMPUTE_OVERHEAD_MB
-    ctx = min(n_ctx, info.context_length or n_ctx)
+    ctx = min(n_ctx, info.context_length or n_ctx) * max(slots, 1)
     kv = kv_bytes_per_cell(info, kv_cache_type, flash_attn) * ctx / 2**20
     return weights + kv + COMPUTE_OVERHEAD_MB
 
@@ -512,7 +517,9 @@ class InferenceManager:
                 info: GGUFInfo | None = await asyncio.to_thread(read_gguf, entry.path, read_tensors=False)
             except OSError as err:
                 raise ModelError("cannot read model file " + str(entry.path) + ": " + str(err)) from err
-            need = estimate_model_mb(entry.size, info, n_ctx=self.n_ctx, kv_cache_type=self.kv_cache_type, flash_attn=self.flash_attn)
+            need = estimate_model_mb(
+                entry.size, info, n_ctx=self.n_ctx, kv_cache_type=self.kv_cache_type, flash_attn=self.flash_attn, slots=self.slots
+            )
             resident = [Resident(m.entry.id, m.size_mb, m.busy, m.last_used) for m in self._models.values()]
             evict = plan_evictions(self.budget_mb, need, resident)
             if evict is None:

@@ -18,7 +18,7 @@ from mongarsd.api import native
 from mongarsd.api.app import AppContext, create_app
 from mongarsd.board import BoardInfo
 from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ConversationPipeline
-from mongarsd.config import Config, LoadedConfig
+from mongarsd.config import AuthConfig, Config, LoadedConfig
 from mongarsd.inference.embed import Embedder
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.memory.db import Database
@@ -66,7 +66,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     bob, _ = await tokens.async_create("bob", "user")
     board = BoardInfo(profile="generic", model="test", arch="x86_64", cores_logical=2, cores_physical=2)
     ctx = AppContext(
-        loaded=LoadedConfig(Config(), {}, "generic"), board=board, metrics=Metrics(), db=db, tokens=tokens,
+        loaded=LoadedConfig(Config(auth=AuthConfig(rate_limit_rps=1000.0, rate_limit_burst=1000)), {}, "generic"), board=board, metrics=Metrics(), db=db, tokens=tokens,
         embedder=emb, hippocampus=hippo, pipeline=pipeline,
     )  # fmt: skip
     ctx.ready = True
@@ -273,5 +273,5 @@ async def test_fts_syntax_in_search_is_just_text(stack: Stack, q: str) -> None:
 async def test_message_too_long_for_the_context_is_413(stack: Stack) -> None:
     words = " ".join(f"w{i}x{i * 7}" for i in range(1500))  # far over 2048 tokens, under the character cap
     st, body = await call(stack, "POST", "/api/v1/conversation/chat", stack.alice, {"message": words, "max_tokens": 16})
-    assert st == 413 and body["error"]["param"] == "message"
+    assert st == 413 and body["error"]["param"] == "message", body
     assert "tokens" in body["error"]["message"]

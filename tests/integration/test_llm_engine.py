@@ -12,7 +12,6 @@ import pytest
 import pytest_asyncio
 
 from mongarsd.errors import ContextOverflowError, InferenceError, OverloadedError, ValidationError
-from mongarsd.inference import llm
 from mongarsd.inference.llm import LlamaEngine, TokenEvent
 from mongarsd.inference.sampling import GenerationParams
 
@@ -263,23 +262,24 @@ async def test_stop_while_streaming_fails_consumers_and_joins() -> None:
         await eng.async_stop()
 
 
-async def test_full_kv_ends_the_longest_generation_instead_of_failing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(llm, "ADMIT_HEADROOM_TOKENS", 8)  # admit both, then run out of cells
+async def test_each_slot_owns_its_context_and_keeps_its_cache() -> None:
+    # One KV stream per slot: a request may use its whole slot context while another slot's
+    # cached conversation stays intact (a unified cache would have had to evict it).
     eng = make_engine(n_ctx=256, slots=2, warmup=False)
     await eng.async_start()
     try:
-        cells = eng.n_ctx
-        tokens = eng.tokenize("The sea is blue and the sky is wide. " * 12, add_special=True)
-        max_tokens = 60
-        assert len(tokens) + max_tokens < cells < 2 * (len(tokens) + max_tokens)
-        params = GenerationParams(max_tokens=max_tokens, temperature=0.8, seed=5)
-        results = await asyncio.gather(*(collect(eng, tokens, params, cache_key=str(i)) for i in range(2)))
-        finals = sorted((ev for _, ev in results), key=lambda ev: ev.completion_tokens)
-        # both prompts fit, both completions do not: one request was cut short, none failed
-        assert finals[0].finish_reason == "length"
-        assert finals[0].completion_tokens < max_tokens
-        assert finals[1].finish_reason in ("length", "stop")
-        assert eng.stats().kv_cache_tokens <= cells
+        assert eng.n_ctx_per_slot == 256 and eng.n_ctx == 512
+        kept = eng.tokenize("The sea is blue and the sky is wide. " * 12, add_special=True)
+        _, first = await collect(eng, kept, GenerationParams(max_tokens=8, temperature=0), cache_key="kept")
+        assert first.cached_tokens == 0
+        big = eng.tokenize("Mountains rise over green valleys. " * 60, add_special=True)[: eng.n_ctx_per_slot - 40]
+        assert len(big) == eng.n_ctx_per_slot - 40
+        _, full = await collect(eng, big, GenerationParams(max_tokens=40, temperature=0.8, seed=5), cache_key="big")
+        assert full.prompt_tokens + full.completion_tokens <= eng.n_ctx_per_slot
+        _, again = await collect(eng, kept, GenerationParams(max_tokens=4, temperature=0), cache_key="kept")
+        assert again.cached_tokens >= len(kept) - 1
+        with pytest.raises(ContextOverflowError):
+            await collect(eng, big + big[:36], GenerationParams(max_tokens=8), cache_key="x")  # 260 + 8 > 256
     finally:
         await eng.async_stop()
 

@@ -15,7 +15,6 @@ from mongarsd.inference.llm import (
     SlotCandidate,
     choose_slot,
     common_prefix_len,
-    plan_kv,
     retry_after_s,
 )
 from mongarsd.inference.sampling import (
@@ -70,16 +69,6 @@ def test_choose_slot_ignores_tiny_prefix_and_takes_empty_then_lru() -> None:
     # a conversation's cache outlives an anonymous one even if used earlier
     idle = [cand(0, key="conv", cached=300, used=1), cand(1, cached=10, used=7)]
     assert choose_slot(idle, None, 1000) == 1
-
-
-def test_plan_kv() -> None:
-    # fits without eviction
-    assert plan_kv(1000, 100, 300, [(1, 200, 1)]) == []
-    # needs eviction of the least recently used idle slot first
-    assert plan_kv(1000, 500, 300, [(1, 200, 5), (2, 150, 1)]) == [2]
-    assert plan_kv(1000, 600, 300, [(1, 200, 5), (2, 150, 1)]) == [2, 1]
-    # cannot fit while running requests hold the cells
-    assert plan_kv(1000, 800, 300, [(1, 200, 5)]) is None
 
 
 def test_retry_after_is_bounded() -> None:
