@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -290,10 +291,37 @@ def test_generation_is_forwarded_to_a_node_with_the_model_and_fails_over_on_kill
     assert "x-mongars-served-by:" in out.lower() and "data: [DONE]" in out
     assert out.count("data: ") >= 2
 
-    # SIGKILL the node that served; before gossip notices, the next request must fail over.
-    victim = next(w for w in workers if w.node_id == served)
-    other = next(w for w in workers if w.node_id != served)
-    victim.kill(signal.SIGKILL)
+    # A non-streamed request in flight on a worker that is SIGKILLed mid-generation still succeeds:
+    # the forward failed before any byte reached the client, so it is retried on the other worker.
+    counting = {**req, "messages": [{"role": "user", "content": "Count from 1 to 300, comma separated: 1, 2, 3,"}], "max_tokens": 400}
+    result: dict[str, Any] = {}
+    client = threading.Thread(target=lambda: result.update(r=entry.local("POST", "/v1/chat/completions", counting, timeout_s=150)))
+    client.start()
+
+    def generating_worker() -> Node | None:
+        for w in workers:
+            text = lab.run(w.index, "curl", "-sS", f"http://127.0.0.1:{API_PORT}/metrics", check=False, timeout=10).stdout
+            for line in text.splitlines():
+                if line.startswith("llamacpp:requests_processing") and float(line.rsplit(" ", 1)[1]) > 0:
+                    return w
+        return None
+
+    deadline = time.monotonic() + 30
+    busy = None
+    while busy is None and time.monotonic() < deadline and client.is_alive():
+        busy = generating_worker()
+    assert busy is not None, "no worker was seen generating the forwarded request"
+    survivor = next(w for w in workers if w is not busy)
+    busy.kill(signal.SIGKILL)
+    client.join(timeout=160)
+    assert not client.is_alive()
+    status, headers, doc = result["r"]
+    assert status == 200, doc
+    assert headers.get("x-mongars-served-by") == survivor.node_id
+    assert doc["choices"][0]["message"]["content"]
+
+    # The next request, before gossip has declared the dead node failed, is served too.
+    other = survivor
     t0 = time.monotonic()
     status, headers, doc = entry.local("POST", "/v1/chat/completions", req, timeout_s=60)
     elapsed = time.monotonic() - t0
