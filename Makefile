@@ -39,7 +39,7 @@ test-fast: install
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check mongarsd tests bench
-	$(VENV)/bin/ruff format --check mongarsd tests bench || true
+	$(VENV)/bin/ruff format --check mongarsd tests bench
 	$(VENV)/bin/mypy
 
 native: $(STAMP)

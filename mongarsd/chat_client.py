@@ -38,7 +38,9 @@ def stream_chat(url: str, token: str | None, model: str, messages: list[dict[str
                     yield piece
 
 
-def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, ask: Callable[[str], str] | None = None) -> int:
+def run_chat(
+    args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, ask: Callable[[str], str] | None = None
+) -> int:
     """Read lines, send each as a turn, print the streamed answer; /quit or EOF ends."""
     url = args.url or f"http://127.0.0.1:{DEFAULT_HTTP_PORT}"
     token = args.token or os.environ.get("MONGARSD_TOKEN")

@@ -67,7 +67,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     loaded, board = load_from_args(args)
     rows = [(key, str(value) if isinstance(value, Path) else value, source) for key, value, source in loaded.rows()]
     if args.json:
-        print(json.dumps({"profile": loaded.profile, "board": board.model, "values": {k: {"value": v, "source": s} for k, v, s in rows}}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"profile": loaded.profile, "board": board.model, "values": {k: {"value": v, "source": s} for k, v, s in rows}},
+                indent=2,
+                default=str,
+            )
+        )
         return EXIT_OK
     print(f"# board: {board.model} -> profile {loaded.profile}")
     width = max(len(k) for k, _, _ in rows)

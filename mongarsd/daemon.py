@@ -147,7 +147,14 @@ class HttpService:
 class Daemon:
     """Own one run of mongarsd: services, signals, readiness, watchdog."""
 
-    def __init__(self, *, loaded: LoadedConfig, board: BoardInfo, reload_config: Callable[[], LoadedConfig] | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        loaded: LoadedConfig,
+        board: BoardInfo,
+        reload_config: Callable[[], LoadedConfig] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.loaded = loaded
         self.board = board
         self._reload_config = reload_config
@@ -211,7 +218,9 @@ class Daemon:
         cfg = self.loaded.config
         db = Database(path=cfg.server.state_dir / DB_FILE)
         tokens = TokenStore(db=db)
-        ctx = AppContext(loaded=self.loaded, board=self.board, metrics=metrics, db=db, tokens=tokens, services_state=lambda: dict(stack.state))
+        ctx = AppContext(
+            loaded=self.loaded, board=self.board, metrics=metrics, db=db, tokens=tokens, services_state=lambda: dict(stack.state)
+        )
         services: list[Service] = [db, BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir)]
         route_setups: list[Callable[[web.Application], None]] = []
         services += self._core_services(ctx, route_setups)
@@ -246,7 +255,9 @@ class Daemon:
             preload=embed.preload,
         )
         manager = InferenceManager.from_config(cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=ctx.metrics)
-        hippocampus = Hippocampus(db=ctx.db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days)
+        hippocampus = Hippocampus(
+            db=ctx.db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
+        )
         pipeline = ConversationPipeline(
             hippocampus=hippocampus,
             llm=manager,
@@ -260,7 +271,10 @@ class Daemon:
         ctx.metrics.add_source(hippocampus.metrics)
         ctx.metrics.add_source(pipeline.metrics)
         route_setups += [openai.setup_routes, ollama.setup_routes, native.setup_routes]
-        self.loops += [("hippocampus-purge", hippocampus.async_purge_loop), ("embedder-idle-unload", lambda: self._async_embedder_idle(embedder))]
+        self.loops += [
+            ("hippocampus-purge", hippocampus.async_purge_loop),
+            ("embedder-idle-unload", lambda: self._async_embedder_idle(embedder)),
+        ]
         return [embedder, manager, hippocampus, pipeline]
 
     async def _async_embedder_idle(self, embedder: Any) -> None:
@@ -291,7 +305,14 @@ class Daemon:
         services, ctx = self.build_services(metrics, stack)
         self.ctx = ctx
         t0 = time.monotonic()
-        log.info("daemon_starting", host=cfg.server.host, port=cfg.server.port, profile=self.loaded.profile, board=self.board.model, state_dir=str(cfg.server.state_dir))
+        log.info(
+            "daemon_starting",
+            host=cfg.server.host,
+            port=cfg.server.port,
+            profile=self.loaded.profile,
+            board=self.board.model,
+            state_dir=str(cfg.server.state_dir),
+        )
         tasks.spawn("loop-lag", lambda: self._async_measure_lag(metrics))
         try:
             await stack.async_start(services, notify=self.notifier.status)

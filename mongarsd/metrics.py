@@ -48,9 +48,15 @@ class Metrics:
             "mongarsd_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=self.registry
         )
         self.http_latency = Histogram(
-            "mongarsd_http_request_duration_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS_S, registry=self.registry
+            "mongarsd_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
-        self.loop_lag = Histogram("mongarsd_event_loop_lag_seconds", "Event loop scheduling lag.", buckets=LAG_BUCKETS_S, registry=self.registry)
+        self.loop_lag = Histogram(
+            "mongarsd_event_loop_lag_seconds", "Event loop scheduling lag.", buckets=LAG_BUCKETS_S, registry=self.registry
+        )
         self.service_up = Gauge("mongarsd_service_up", "1 when the service is started.", ["service"], registry=self.registry)
         self.ready = Gauge("mongarsd_ready", "1 when every service has started.", registry=self.registry)
         self._sources: list[Source] = []

@@ -52,7 +52,9 @@ class Http:
         return json.loads(self.body)
 
 
-def http(method: str, url: str, body: Any = None, *, token: str | None = None, headers: dict[str, str] | None = None, timeout: float = 60) -> Http:
+def http(
+    method: str, url: str, body: Any = None, *, token: str | None = None, headers: dict[str, str] | None = None, timeout: float = 60
+) -> Http:
     """Make one real HTTP request with the standard library (curl-style)."""
     data = None
     hdrs = dict(headers or {})
@@ -127,7 +129,19 @@ def start_daemon(
         base_env["MONGARSD_EMBED__PRELOAD"] = "false"
     if "MONGARSD_CONFIG" not in (env or {}):
         (tmp / "none.toml").write_text("")
-    cmd = [sys.executable, "-m", "mongarsd", "run", "--port", str(port), "--state-dir", str(state_dir), "--models-dir", str(MODELS_DIR), *(args or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mongarsd",
+        "run",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--models-dir",
+        str(MODELS_DIR),
+        *(args or []),
+    ]
     with log_path.open("ab") as fh:
         proc = subprocess.Popen(cmd, env={**os.environ, **base_env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     d = DaemonProc(proc, port, state_dir, log_path)
@@ -166,7 +180,11 @@ def verify_no_thread_leak() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio_", "ThreadPoolExecutor"))]
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio_", "ThreadPoolExecutor"))
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -57,7 +57,9 @@ def create_app(ctx: AppContext, route_setups: list[Callable[[web.Application], N
     from mongarsd.api.middlewares import build_middlewares
 
     cfg = ctx.loaded.config
-    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=build_middlewares(ctx), handler_args={"max_field_size": 16384})
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes, middlewares=build_middlewares(ctx), handler_args={"max_field_size": 16384}
+    )
     app[CTX] = ctx
     ops.setup_routes(app)
     admin.setup_routes(app)

@@ -35,7 +35,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 def get_str(
-    data: Mapping[str, Any], key: str, *, required: bool = False, default: str | None = None, max_len: int | None = None, allow_empty: bool = True
+    data: Mapping[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    default: str | None = None,
+    max_len: int | None = None,
+    allow_empty: bool = True,
 ) -> str | None:
     value = data.get(key, default)
     if value is None:
@@ -47,14 +53,22 @@ def get_str(
     if not allow_empty and not value.strip():
         raise ValidationError(f"'{key}' must not be empty", param=key)
     if max_len is not None and len(value) > max_len:
-        raise ValidationError(f"'{key}' is too long ({len(value)} characters; at most {max_len})", param=key, status=413 if max_len > 10000 else 400)
+        raise ValidationError(
+            f"'{key}' is too long ({len(value)} characters; at most {max_len})", param=key, status=413 if max_len > 10000 else 400
+        )
     if "\x00" in value:
         raise ValidationError(f"'{key}' must not contain NUL characters", param=key)
     return value
 
 
 def get_number(
-    data: Mapping[str, Any], key: str, *, default: float | None = None, lo: float | None = None, hi: float | None = None, integer: bool = False
+    data: Mapping[str, Any],
+    key: str,
+    *,
+    default: float | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    integer: bool = False,
 ) -> float | None:
     value = data.get(key, default)
     if value is None:

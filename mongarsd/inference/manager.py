@@ -130,9 +130,7 @@ def kv_bytes_per_cell(info: GGUFInfo, kv_cache_type: str, flash_attn: bool) -> f
     return float(layers * heads_kv * (k_len * k_bytes + v_len * v_bytes))
 
 
-def estimate_model_mb(
-    file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool, slots: int = 1
-) -> float:
+def estimate_model_mb(file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool, slots: int = 1) -> float:
     """Estimate the resident memory of a loaded model: weights + KV cache + compute buffers (pure).
 
     `n_ctx` is one slot's context; every slot has its own KV stream of that size.

@@ -30,7 +30,13 @@ def test_ops_routes(daemon: DaemonProc) -> None:
     metrics = daemon.get("/metrics")
     assert metrics.status == 200
     text = metrics.body.decode()
-    for name in ("process_resident_memory_bytes", "mongarsd_event_loop_lag_seconds_bucket", "mongarsd_http_requests_total", "mongarsd_http_request_duration_seconds_bucket", "mongarsd_ready 1.0"):
+    for name in (
+        "process_resident_memory_bytes",
+        "mongarsd_event_loop_lag_seconds_bucket",
+        "mongarsd_http_requests_total",
+        "mongarsd_http_request_duration_seconds_bucket",
+        "mongarsd_ready 1.0",
+    ):
         assert name in text, name
     assert 'route="/api/v1/status"' in text
     assert daemon.get("/health").headers.get("X-Request-Id")

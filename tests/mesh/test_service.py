@@ -482,7 +482,9 @@ async def test_identity_is_stable_and_regenerated_with_a_new_machine_id(tmp_path
     assert ids[0] == ids[1] != ids[2]
 
 
-async def test_live_key_rotation_through_the_keyring_file_keeps_the_mesh(trio: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_live_key_rotation_through_the_keyring_file_keeps_the_mesh(
+    trio: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What `mongarsd keys install/use/remove` do: edit each node's keyring file; the running mesh follows.
     import mongarsd.mesh.service as service_mod
 

@@ -12,8 +12,15 @@ from mongarsd.errors import AuthError
 
 @pytest.mark.parametrize(
     ("path", "surface"),
-    [("/v1/chat/completions", "openai"), ("/v1", "openai"), ("/api/chat", "ollama"), ("/api/tags", "ollama"),
-     ("/api/v1/status", "native"), ("/health", "native"), ("/v10/x", "native")],
+    [
+        ("/v1/chat/completions", "openai"),
+        ("/v1", "openai"),
+        ("/api/chat", "ollama"),
+        ("/api/tags", "ollama"),
+        ("/api/v1/status", "native"),
+        ("/health", "native"),
+        ("/v10/x", "native"),
+    ],
 )
 def test_surface_of(path: str, surface: str) -> None:
     assert surface_of(path) == surface
@@ -57,6 +64,9 @@ def test_roles() -> None:
         check_role(user, "peer")
 
 
-@pytest.mark.parametrize(("addr", "loop"), [("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("10.0.0.1", False), ("", False), (None, False), ("garbage", False)])
+@pytest.mark.parametrize(
+    ("addr", "loop"),
+    [("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("10.0.0.1", False), ("", False), (None, False), ("garbage", False)],
+)
 def test_is_loopback(addr: str | None, loop: bool) -> None:
     assert is_loopback(addr) is loop

@@ -48,6 +48,7 @@ async def test_concurrent_writes_are_batched_and_one_bad_write_does_not_sink_the
     db = Database(path=tmp_path / "m.db", migrations=["CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL) STRICT;"])
     await db.async_start()
     try:
+
         async def put(k: int, v: str | None) -> int:
             return await db.async_execute("INSERT INTO t(k, v) VALUES (?, ?)", (k, v))
 
@@ -89,6 +90,7 @@ async def test_write_op_exceptions_propagate_to_the_caller(tmp_path: Path) -> No
     db = Database(path=tmp_path / "m.db")
     await db.async_start()
     try:
+
         async def op(conn: aiosqlite.Connection) -> None:
             raise ValueError("nope")
 
