@@ -45,7 +45,13 @@ check: $(STAMP)
 native: $(STAMP)
 	$(MAKE) -C native PYTHON=$(abspath $(PY))
 
-bench: install native
+# P7's reference: sqlite-vec loaded into the system python3 (the venv's python may lack extension loading).
+SQLITE_VEC := .cache/sqlite-vec/sqlite_vec
+
+$(SQLITE_VEC):
+	$(PY) -m pip install -q --target .cache/sqlite-vec sqlite-vec
+
+bench: install native $(SQLITE_VEC)
 	$(PY) -m bench.run --models-dir $(MODELS)
 
 clean:
