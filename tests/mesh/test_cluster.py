@@ -124,7 +124,9 @@ async def test_ten_percent_loss_does_not_kill_healthy_nodes() -> None:
         await asyncio.sleep(20 * LOCAL.probe_interval_s)
         fails = [ev for queue in q for ev in _drain(queue) if ev.kind is EventKind.FAIL]
         assert fails == [], f"healthy nodes declared dead: {fails}"
-        assert cluster.converged()
+        # Under loss a member may be *suspect* at any given instant (then refutes): that is SWIM
+        # working. What must hold is no FAIL above, and full membership again shortly after.
+        await wait_until(cluster.converged, timeout_s=5.0)
         total_failures = sum(n.metrics()["probe_failures"] for n in cluster.nodes)
         print(f"probe failures under 10% loss: {total_failures}, lost packets {cluster.net.lost}")
     finally:
