@@ -28,7 +28,7 @@ from mongarsd.errors import MongarsError
 from mongarsd.mesh.keyring import Keyring, KeyringError, decode_key, encode_key, generate_key, key_id
 
 HTTP_TIMEOUT_S = 10.0
-RESTART_HINT = "# a running daemon applies this within a few seconds; do the same step on every node before the next one"
+APPLY_HINT = "# a running daemon applies this within a few seconds; do the same step on every node before the next one"
 
 
 def _keyring_path(args: argparse.Namespace) -> Path:
@@ -70,21 +70,15 @@ def cmd_keys_install(args: argparse.Namespace) -> int:
         ring.install(key)
     else:
         ring = Keyring(key)
-    ring.save(path)
     primary = " (primary)" if ring.primary_key == key else ""
-    print(f"installed key {key_id(key).hex()}{primary}")
-    print(RESTART_HINT, file=sys.stderr)
-    return EXIT_OK
+    return _save_and_report(ring, path, f"installed key {key_id(key).hex()}{primary}")
 
 
 def cmd_keys_use(args: argparse.Namespace) -> int:
     path = _keyring_path(args)
     ring = Keyring.load(path)
     ring.use(_find(ring, args.keyid))
-    ring.save(path)
-    print(f"primary key is now {ring.primary_key_id.hex()}")
-    print(RESTART_HINT, file=sys.stderr)
-    return EXIT_OK
+    return _save_and_report(ring, path, f"primary key is now {ring.primary_key_id.hex()}")
 
 
 def cmd_keys_remove(args: argparse.Namespace) -> int:
@@ -92,9 +86,14 @@ def cmd_keys_remove(args: argparse.Namespace) -> int:
     ring = Keyring.load(path)
     key = _find(ring, args.keyid)
     ring.remove(key)
+    return _save_and_report(ring, path, f"removed key {key_id(key).hex()}")
+
+
+def _save_and_report(ring: Keyring, path: Path, message: str) -> int:
+    """Persist the edited keyring (the running daemon follows the file) and say what changed."""
     ring.save(path)
-    print(f"removed key {key_id(key).hex()}")
-    print(RESTART_HINT, file=sys.stderr)
+    print(message)
+    print(APPLY_HINT, file=sys.stderr)
     return EXIT_OK
 
 
