@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
 STAMP := $(VENV)/.installed
 MODELS_STAMP := $(MODELS)/.installed
 
-.PHONY: install run test test-fast check bench native clean distclean test-deps
+.PHONY: install run test test-fast fuzz check bench native clean distclean test-deps
 
 install: $(STAMP) $(MODELS_STAMP)
 
@@ -33,6 +33,11 @@ run: install
 
 test: install test-deps
 	$(PY) -m pytest -q
+
+# Long fuzz run of every decoder and validator (make test runs the same properties briefly).
+FUZZ_TESTS := tests/unit/test_fuzz_inputs.py tests/unit/test_grammar_bounds.py tests/unit/test_gguf.py tests/mesh/test_wire.py tests/mesh/test_hostile.py tests/integration/test_fuzz_routes.py
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout 3600 $(FUZZ_TESTS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit

@@ -32,7 +32,7 @@ setup(
         "numpy>=1.26",
         "jinja2>=3.1",  # chat templates rendered in a sandbox
         "aiosqlite>=0.20",
-        "aiohttp>=3.9.4",
+        "aiohttp>=3.11",
         "psutil>=5.9",
         "pynacl>=1.5",
         "zeroconf>=0.132",

@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from mongarsd.const import DEFAULT_HTTP_PORT, EXIT_FAILURE, EXIT_OK
+from mongarsd.const import DEFAULT_HTTP_PORT, EXIT_FAILURE, EXIT_OK, PERSONA_MODEL_ID
 
 REQUEST_TIMEOUT_S = 300.0
 
@@ -65,7 +65,7 @@ def run_chat(
             history.clear()
             continue
         # The persona keeps its own memory server-side; raw models need the history sent along.
-        messages = [{"role": "user", "content": text}] if args.model == "mongars" else [*history, {"role": "user", "content": text}]
+        messages = [{"role": "user", "content": text}] if args.model == PERSONA_MODEL_ID else [*history, {"role": "user", "content": text}]
         answer: list[str] = []
         try:
             for piece in stream_chat(url, token, args.model, messages, args.max_tokens):
@@ -93,6 +93,6 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("chat", help="chat with a running daemon from the terminal")
     p.add_argument("--url", help=f"daemon URL (default http://127.0.0.1:{DEFAULT_HTTP_PORT})")
     p.add_argument("--token", help="bearer token (default $MONGARSD_TOKEN; loopback needs none)")
-    p.add_argument("--model", default="mongars", help="model id, or 'mongars' for the assistant with memory")
+    p.add_argument("--model", default=PERSONA_MODEL_ID, help=f"model id, or '{PERSONA_MODEL_ID}' for the assistant with memory")
     p.add_argument("--max-tokens", type=int, default=512)
     p.set_defaults(func=run_chat)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import sys
@@ -12,45 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from mongarsd import __version__
+from mongarsd.cli_common import add_config_args, load_from_args
 from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from mongarsd.errors import ConfigError, MongarsError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, server: bool = False) -> None:
-    p.add_argument("--config", type=Path, help="config file (default /etc/mongarsd/mongarsd.toml when present)")
-    p.add_argument("--state-dir", type=Path, help="state directory (database, keys, lock)")
-    p.add_argument("--models-dir", type=Path, help="directory holding model files")
-    p.add_argument("--profile", help="board profile to use instead of the detected one")
-    if server:
-        p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-        p.add_argument("--port", type=int, help="HTTP port (default 8642)")
-        p.add_argument("--log-format", choices=("auto", "json", "console"), help="log format")
-        p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level")
-
-
-def load_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Detect the board and load the layered config the way `run` would."""
-    from mongarsd.board import detect_board
-    from mongarsd.config import load_config
-
-    board = detect_board()
-    profile = getattr(args, "profile", None) or os.environ.get("MONGARSD_PROFILE") or board.profile
-    cli: dict[str, dict[str, Any]] = {
-        "server": {
-            "host": getattr(args, "host", None),
-            "port": getattr(args, "port", None),
-            "state_dir": getattr(args, "state_dir", None),
-            "models_dir": getattr(args, "models_dir", None),
-        },
-        "log": {"format": getattr(args, "log_format", None), "level": getattr(args, "log_level", None)},
-    }
-    loaded = load_config(profile=profile, config_path=getattr(args, "config", None), cli=cli)
-    return loaded, board
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    # A segfault in llama.cpp or onnxruntime would otherwise leave no trace: dump every Python
+    # thread's stack to stderr (the journal) on SIGSEGV, SIGFPE, SIGABRT, SIGBUS and SIGILL.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     # BLAS thread pools would fight llama.cpp's threads for the board's few cores.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
@@ -147,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
-    _add_config_args(p, server=True)
+    add_config_args(p, server=True)
     p.set_defaults(func=cmd_run)
 
     cfg = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="action", metavar="ACTION")
     cfg.required = True
     p = cfg.add_parser("show", help="print effective values and where each came from")
-    _add_config_args(p, server=True)
+    add_config_args(p, server=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
 
@@ -163,20 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--role", choices=("admin", "user", "peer"), default="user")
     p.add_argument("--label", default="")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=with_store(_token_create))
     p = tok.add_parser("list", help="list tokens (never their secrets)")
     p.add_argument("--user")
     p.add_argument("--json", action="store_true")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=with_store(_token_list))
     p = tok.add_parser("revoke", help="revoke a token by id")
     p.add_argument("id")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=with_store(_token_revoke))
 
     for register in _domain_registrars():
-        register(sub, _add_config_args)
+        register(sub, add_config_args)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

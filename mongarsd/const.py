@@ -22,5 +22,21 @@ WATCHDOG_FALLBACK_INTERVAL_S: Final = 10.0
 TASK_RESTART_BACKOFF_MIN_S: Final = 0.5
 TASK_RESTART_BACKOFF_MAX_S: Final = 30.0
 
+# Stopping: every stage is bounded and the stages add up under the unit's TimeoutStopSec
+# (tests/unit/test_systemd_unit.py sums them for every board profile).
+STOP_TIMEOUT_S: Final = 45.0  # systemd/mongarsd.service TimeoutStopSec
+TASKS_STOP_TIMEOUT_S: Final = 1.0  # cancelled background loops must be gone within this
+HTTP_CLOSE_MARGIN_S: Final = 2.0  # after the drain: close sockets and cancel what is left
+
 TOKEN_PREFIX: Final = "mgs_"
 TOKEN_CACHE_TTL_S: Final = 2.0
+
+# The persona: a model id that runs the caller's memory pipeline here and never leaves this node.
+PERSONA_MODEL_ID: Final = "mongars"
+
+# HTTP connection hygiene (README "Connection limits"): every connection is bounded in time and count.
+HTTP_HEADER_TIMEOUT_S: Final = 10.0  # connect, or first byte after a keep-alive pause, to a complete request head
+HTTP_KEEPALIVE_TIMEOUT_S: Final = 30.0  # an idle keep-alive connection is closed after this
+HTTP_MAX_CONNECTIONS_PER_CLIENT: Final = 64  # per IPv4 address or IPv6 /64
+HTTP_MAX_CONNECTIONS_TOTAL: Final = 1024  # lowered to RLIMIT_NOFILE minus the reserve below when that is smaller
+HTTP_FD_RESERVE: Final = 128  # descriptors kept for the database, models, mesh sockets and logs

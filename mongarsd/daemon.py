@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import fcntl
 import ipaddress
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -17,13 +19,15 @@ import structlog
 from aiohttp import web
 
 from mongarsd.api.app import AppContext, create_app
+from mongarsd.api.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner, fd_limited_max_total
 from mongarsd.board import BoardInfo
 from mongarsd.config import LoadedConfig
-from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, LOOP_LAG_INTERVAL_S
+from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, HTTP_CLOSE_MARGIN_S, HTTP_FD_RESERVE, LOOP_LAG_INTERVAL_S
 from mongarsd.errors import ConfigError, MongarsError
 from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
+from mongarsd.runmarker import RunMarker
 from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor
 from mongarsd.systemd import Notifier
 
@@ -109,22 +113,40 @@ class BindGuard:
 
 
 class HttpService:
-    """The aiohttp server; stopping it drains in-flight requests up to the drain timeout."""
+    """The aiohttp server; stopping it drains in-flight requests up to the drain timeout.
+
+    Every connection is bounded (README "Connection limits"): a head deadline, an idle keep-alive
+    deadline, and per-client and global caps that shed idle connections first (mongarsd.api.connections).
+    """
 
     name = "api"
     start_timeout_s = 10.0
 
-    def __init__(self, *, app: web.Application, host: str, port: int, drain_timeout_s: float) -> None:
+    def __init__(
+        self, *, app: web.Application, host: str, port: int, drain_timeout_s: float, limits: ConnectionLimits | None = None
+    ) -> None:
         self._app = app
         self._host = host
         self._port = port
         self._drain_timeout_s = drain_timeout_s
-        self.stop_timeout_s = drain_timeout_s + 5.0
+        self.stop_timeout_s = drain_timeout_s + HTTP_CLOSE_MARGIN_S
+        limits = limits or ConnectionLimits()
+        nofile_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = dataclasses.replace(limits, max_total=fd_limited_max_total(limits.max_total, nofile_soft, HTTP_FD_RESERVE))
+        self.connections = ConnectionGuard(limits)
         self._runner: web.AppRunner | None = None
         self.bound: list[tuple[str, int]] = []
 
     async def async_start(self) -> None:
-        runner = web.AppRunner(self._app, shutdown_timeout=self._drain_timeout_s, access_log=None, handle_signals=False)
+        limits = self.connections.limits
+        runner = GuardedAppRunner(
+            self._app,
+            guard=self.connections,
+            shutdown_timeout=self._drain_timeout_s,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=limits.keepalive_timeout_s,
+        )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
         try:
@@ -136,12 +158,24 @@ class HttpService:
         server = site._server  # aiohttp keeps the asyncio server here; read the real bound ports
         if server is not None and hasattr(server, "sockets"):
             self.bound = [s.getsockname()[:2] for s in server.sockets]
-        log.info("http_listening", host=self._host, port=self._port, bound=self.bound)
+        log.info(
+            "http_listening",
+            host=self._host,
+            port=self._port,
+            bound=self.bound,
+            header_timeout_s=limits.header_timeout_s,
+            keepalive_timeout_s=limits.keepalive_timeout_s,
+            max_connections_per_client=limits.max_per_client,
+            max_connections_total=limits.max_total,
+        )
 
     async def async_stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            await runner.cleanup()
+            try:
+                await runner.cleanup()
+            finally:
+                self.connections.async_close()
 
 
 class Daemon:
@@ -165,6 +199,8 @@ class Daemon:
         self._exit_code = EXIT_OK
         self.ctx: AppContext | None = None
         self.http: HttpService | None = None
+        self.unclean_exits = 0
+        self._marker: RunMarker | None = None
         # Supervised loops (name, factory) that services ask for; spawned once every service started.
         self.loops: list[tuple[str, Callable[[], Awaitable[None]]]] = []
 
@@ -176,6 +212,8 @@ class Daemon:
         self._signals += 1
         if self._signals > 1:
             log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            if self._marker is not None:
+                self._marker.end()  # asked for by the operator: not a crash
             os._exit(128 + signum)
         log.info("signal_received_draining", signal=signal.Signals(signum).name)
         self.request_stop(EXIT_OK)
@@ -193,6 +231,9 @@ class Daemon:
         lock = InstanceLock(self.loaded.config.server.state_dir)
         try:
             lock.acquire()
+            # Only under the lock: another live daemon's marker is not a crash.
+            self._marker = RunMarker(self.loaded.config.server.state_dir)
+            self.unclean_exits = self._marker.begin()
             while True:
                 code = await self._async_run_once()
                 if not self._reload or code != EXIT_OK:
@@ -209,29 +250,40 @@ class Daemon:
             log.error("daemon_failed", error=str(err))
             return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILURE
         finally:
+            if self._marker is not None:
+                marker, self._marker = self._marker, None
+                marker.end()
             lock.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
-    def build_services(self, metrics: Metrics, stack: ServiceStack) -> tuple[list[Service], AppContext]:
+    def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service], AppContext]:
         """Wire every service with the collaborators it uses, in start order."""
         cfg = self.loaded.config
-        db = Database(path=cfg.server.state_dir / DB_FILE)
+        db = Database(path=cfg.server.state_dir / DB_FILE, tasks=tasks)
         tokens = TokenStore(db=db)
         ctx = AppContext(
-            loaded=self.loaded, board=self.board, metrics=metrics, db=db, tokens=tokens, services_state=lambda: dict(stack.state)
+            loaded=self.loaded,
+            board=self.board,
+            metrics=metrics,
+            db=db,
+            tokens=tokens,
+            services_state=lambda: dict(stack.state),
+            unclean_exits=self.unclean_exits,
         )
         services: list[Service] = [db, BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir)]
         route_setups: list[Callable[[web.Application], None]] = []
-        services += self._core_services(ctx, route_setups)
-        services += self._mesh_services(ctx, route_setups)
+        services += self._core_services(ctx, route_setups, tasks)
+        services += self._mesh_services(ctx, route_setups, tasks)
         app = create_app(ctx, route_setups)
         self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
         services.append(self.http)
         services += self._edge_services(ctx)
         return services, ctx
 
-    def _core_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
+    def _core_services(
+        self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]], tasks: TaskSupervisor
+    ) -> list[Service]:
         """Inference, memory and cognition: started after the store, before the API."""
         from mongarsd.api import native, ollama, openai
         from mongarsd.cognition.pipeline import ConversationPipeline
@@ -254,7 +306,9 @@ class Daemon:
             cache_entries=embed.cache_entries,
             preload=embed.preload,
         )
-        manager = InferenceManager.from_config(cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=ctx.metrics)
+        manager = InferenceManager.from_config(
+            cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=ctx.metrics, tasks=tasks
+        )
         hippocampus = Hippocampus(
             db=ctx.db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
         )
@@ -282,12 +336,14 @@ class Daemon:
             await asyncio.sleep(EMBED_IDLE_CHECK_S)
             await embedder.async_unload_if_idle()
 
-    def _mesh_services(self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]]) -> list[Service]:
+    def _mesh_services(
+        self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]], tasks: TaskSupervisor
+    ) -> list[Service]:
         """The peer mesh (gossip, discovery, scheduler) when mesh.enabled; its routes always."""
         from mongarsd.api import peers
         from mongarsd.mesh.service import MeshService
 
-        mesh = MeshService(config=self.loaded.config, board=self.board, llm=ctx.llm, db=ctx.db, metrics=ctx.metrics)
+        mesh = MeshService(config=self.loaded.config, board=self.board, llm=ctx.llm, db=ctx.db, metrics=ctx.metrics, tasks=tasks)
         ctx.mesh = mesh
         route_setups.append(peers.setup_routes)
         return [mesh]
@@ -299,10 +355,15 @@ class Daemon:
     async def _async_run_once(self) -> int:
         cfg = self.loaded.config
         metrics = Metrics()
+        metrics.unclean_exits.inc(self.unclean_exits)
         stack = ServiceStack(on_change=lambda name, up: metrics.service_up.labels(name).set(1 if up else 0))
+        # Daemon-level loops (lag, watchdog) run until the very end; the service loops (self.loops) are
+        # cancelled before the services they use stop, service-owned tasks by their service's stop (what
+        # is left at the end is swept); a fatal one stops the daemon.
         tasks = TaskSupervisor(on_fatal=lambda name, err: self.request_stop(EXIT_FAILURE))
+        service_tasks = TaskSupervisor(on_fatal=self._on_fatal_task)
         self.loops = []
-        services, ctx = self.build_services(metrics, stack)
+        services, ctx = self.build_services(metrics, stack, service_tasks)
         self.ctx = ctx
         t0 = time.monotonic()
         log.info(
@@ -317,12 +378,13 @@ class Daemon:
         try:
             await stack.async_start(services, notify=self.notifier.status)
         except StartError as err:
+            await service_tasks.async_stop()
             await tasks.async_stop()
             cause = err.__cause__
             log.error("daemon_start_failed", error=str(cause or err))
             return EXIT_CONFIG if isinstance(cause, ConfigError) else EXIT_FAILURE
         for name, factory in self.loops:
-            tasks.spawn(name, factory)
+            service_tasks.spawn(name, factory, owner=self)
         release_free_heap()
         ctx.ready = True
         metrics.ready.set(1)
@@ -337,12 +399,24 @@ class Daemon:
         metrics.ready.set(0)
         self.notifier.stopping()
         log.info("daemon_stopping", inflight=ctx.inflight, drain_timeout_s=cfg.server.drain_timeout_s)
-        errors = await stack.async_stop()
+        http = self.http
+        if http is not None and http in stack.started_services:
+            errors = await stack.async_stop_one(http)  # drain requests first: they may still use the loops' services
+        else:
+            errors = []
+        # Our loops go before the services they use; a service cancels its own tasks when it stops.
+        await service_tasks.async_stop(owner=self)
+        errors += await stack.async_stop()
+        await service_tasks.async_stop()
         await tasks.async_stop()
         if errors:
             log.error("daemon_stop_errors", errors=errors)
         log.info("daemon_stopped", exit_code=self._exit_code)
         return self._exit_code
+
+    def _on_fatal_task(self, name: str, err: BaseException) -> None:
+        log.error("fatal_task_died_stopping", task=name, error=str(err))
+        self.request_stop(EXIT_FAILURE)
 
     async def _async_measure_lag(self, metrics: Metrics) -> None:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,15 @@ class ConfigError(MongarsError):
 
 
 class StoreError(MongarsError):
-    """The SQLite store failed or is corrupt."""
+    """The SQLite store failed or is corrupt; `transient` when retrying can succeed (disk full, busy, restarting)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class UnavailableError(MongarsError):
+    """A part of the daemon is disabled by its configuration: 503 with no Retry-After (retrying cannot help)."""
 
 
 class AuthError(MongarsError):
@@ -65,7 +73,14 @@ class OverloadedError(MongarsError):
 
 
 class EmbedderUnavailableError(MongarsError):
-    """The embedding model is not loaded or failed; recall cannot run."""
+    """The embedding model is not loaded or failed; recall cannot run.
+
+    `transient` is False when no embedder is configured at all: then retrying cannot help.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class MeshError(MongarsError):

@@ -59,6 +59,11 @@ class Metrics:
         )
         self.service_up = Gauge("mongarsd_service_up", "1 when the service is started.", ["service"], registry=self.registry)
         self.ready = Gauge("mongarsd_ready", "1 when every service has started.", registry=self.registry)
+        self.unclean_exits = Counter(
+            "mongarsd_unclean_exits",
+            "Runs on this state dir that ended without a clean stop (crash, kill, power loss); persisted across restarts.",
+            registry=self.registry,
+        )
         self._sources: list[Source] = []
         self.registry.register(_SourceCollector(self._sources))  # type: ignore[arg-type]
         self._lags: deque[float] = deque(maxlen=LAG_WINDOW)

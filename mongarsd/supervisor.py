@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from mongarsd.const import TASK_RESTART_BACKOFF_MAX_S, TASK_RESTART_BACKOFF_MIN_S
+from mongarsd.const import TASK_RESTART_BACKOFF_MAX_S, TASK_RESTART_BACKOFF_MIN_S, TASKS_STOP_TIMEOUT_S
 from mongarsd.errors import MongarsError
 
 log = structlog.get_logger("mongarsd.supervisor")
+
+T = TypeVar("T")
 
 
 class Service(Protocol):
@@ -63,23 +67,38 @@ class ServiceStack:
                 self._on_change(svc.name, True)
             log.info("service_started", service=svc.name, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
 
+    @property
+    def started_services(self) -> list[Service]:
+        return list(self._started)
+
+    async def async_stop_one(self, svc: Service) -> list[str]:
+        """Stop one started service ahead of the rest (the API drains before loops stop)."""
+        if svc not in self._started:
+            return []
+        self._started.remove(svc)
+        return await self._async_stop_service(svc)
+
     async def async_stop(self) -> list[str]:
         """Stop in reverse order; return the errors collected (never stop at the first)."""
         errors: list[str] = []
         while self._started:
-            svc = self._started.pop()
-            self.state[svc.name] = "stopping"
-            try:
-                await asyncio.wait_for(svc.async_stop(), timeout=svc.stop_timeout_s)
-            except TimeoutError:
-                errors.append(f"{svc.name}: stop timed out after {svc.stop_timeout_s}s")
-                log.error("service_stop_timeout", service=svc.name, timeout_s=svc.stop_timeout_s, tasks=_running_tasks())
-            except Exception as err:  # collected: the teardown must go on for the rest
-                errors.append(f"{svc.name}: {type(err).__name__}: {err}")
-                log.error("service_stop_failed", service=svc.name, error=str(err), exc_info=True)
-            self.state[svc.name] = "stopped"
-            if self._on_change:
-                self._on_change(svc.name, False)
+            errors += await self._async_stop_service(self._started.pop())
+        return errors
+
+    async def _async_stop_service(self, svc: Service) -> list[str]:
+        errors: list[str] = []
+        self.state[svc.name] = "stopping"
+        try:
+            await asyncio.wait_for(svc.async_stop(), timeout=svc.stop_timeout_s)
+        except TimeoutError:
+            errors.append(f"{svc.name}: stop timed out after {svc.stop_timeout_s}s")
+            log.error("service_stop_timeout", service=svc.name, timeout_s=svc.stop_timeout_s, tasks=_running_tasks())
+        except Exception as err:  # collected: the teardown must go on for the rest
+            errors.append(f"{svc.name}: {type(err).__name__}: {err}")
+            log.error("service_stop_failed", service=svc.name, error=str(err), exc_info=True)
+        self.state[svc.name] = "stopped"
+        if self._on_change:
+            self._on_change(svc.name, False)
         return errors
 
 
@@ -87,21 +106,58 @@ def _running_tasks() -> list[str]:
     return sorted(t.get_name() for t in asyncio.all_tasks() if not t.done())
 
 
+@dataclass(frozen=True, slots=True)
+class _Owned:
+    name: str
+    owner: object | None
+
+
 class TaskSupervisor:
     """Own named background tasks; restart idempotent loops with capped backoff."""
 
+    # Every task is strongly referenced until it is done, named `mongarsd:<name>` and logged if it
+    # crashes (rule 2). `owner` tags a task with the object that spawned it, so that a service
+    # sharing the daemon's supervisor cancels only its own tasks when it stops: async_stop(owner=self).
+
     def __init__(self, on_fatal: Callable[[str, BaseException], None] | None = None) -> None:
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[asyncio.Task[Any], _Owned] = {}
         self._on_fatal = on_fatal
         self.restarts: dict[str, int] = {}
 
-    def spawn(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True, fatal: bool = False) -> asyncio.Task[None]:
-        if name in self._tasks and not self._tasks[name].done():
+    def spawn(
+        self,
+        name: str,
+        factory: Callable[[], Awaitable[None]],
+        *,
+        restart: bool = True,
+        fatal: bool = False,
+        owner: object | None = None,
+    ) -> asyncio.Task[None]:
+        """Run a long-lived loop; restart it with capped backoff if it crashes (unless fatal or restart=False)."""
+        if any(o.name == name and not t.done() and not t.cancelling() for t, o in self._tasks.items()):
             raise MongarsError(f"task {name} is already running")
         task = asyncio.get_running_loop().create_task(self._run(name, factory, restart, fatal), name=f"mongarsd:{name}")
-        self._tasks[name] = task
+        self._own(task, name, owner)
         task.add_done_callback(self._done)
         return task
+
+    def spawn_once(
+        self,
+        name: str,
+        coro: Coroutine[Any, Any, T],
+        *,
+        owner: object | None = None,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> asyncio.Task[T]:
+        """Run a one-shot helper: forgotten when done (names may repeat), logged if it crashes."""
+        # Exceptions of the `expected` types are results for whoever awaits the task, not crashes.
+        task = asyncio.get_running_loop().create_task(coro, name=f"mongarsd:{name}")
+        self._own(task, name, owner)
+        task.add_done_callback(functools.partial(self._once_done, expected))
+        return task
+
+    def _own(self, task: asyncio.Task[Any], name: str, owner: object | None) -> None:
+        self._tasks[task] = _Owned(name, owner)
 
     async def _run(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool, fatal: bool) -> None:
         backoff = TASK_RESTART_BACKOFF_MIN_S
@@ -123,23 +179,46 @@ class TaskSupervisor:
             if time.monotonic() - t0 > 60:
                 backoff = TASK_RESTART_BACKOFF_MIN_S  # it ran for a while: start over
             self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("task_restarting", task=name, backoff_s=backoff, restarts=self.restarts[name])
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, TASK_RESTART_BACKOFF_MAX_S)
 
     def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("task_died", task=task.get_name(), error=str(exc))
 
+    def _once_done(self, expected: tuple[type[BaseException], ...], task: asyncio.Task[Any]) -> None:
+        owned = self._tasks.pop(task, None)
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here, so a task nobody awaits never warns "never retrieved"
+        if exc is None:
+            return
+        name = owned.name if owned is not None else task.get_name()
+        if isinstance(exc, expected):
+            log.debug("task_failed", task=name, error=str(exc))
+        else:
+            log.error("task_crashed", task=name, error=repr(exc), exc_info=exc)
+
     @property
     def names(self) -> list[str]:
-        return sorted(n for n, t in self._tasks.items() if not t.done())
+        """Return the names of the running tasks, sorted (one-shot helpers may repeat)."""
+        return sorted(o.name for t, o in self._tasks.items() if not t.done())
 
-    async def async_stop(self, timeout_s: float = 5.0) -> None:
-        tasks = [t for t in self._tasks.values() if not t.done()]
+    def count(self, name: str | None = None, *, owner: object | None = None) -> int:
+        """Return how many tasks run with this name (any if None) for this owner (any if None)."""
+        return sum(
+            1 for t, o in self._tasks.items() if not t.done() and (name is None or o.name == name) and (owner is None or o.owner is owner)
+        )
+
+    async def async_stop(self, timeout_s: float = TASKS_STOP_TIMEOUT_S, *, keep: Sequence[str] = (), owner: object | None = None) -> None:
+        """Cancel every task (only `owner`'s if given, but those named in `keep`) and wait for them, bounded."""
+        tasks = [t for t, o in self._tasks.items() if not t.done() and o.name not in keep and (owner is None or o.owner is owner)]
         for t in tasks:
             t.cancel()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             if pending:
-                log.error("tasks_did_not_stop", tasks=[t.get_name() for t in pending])
-        self._tasks.clear()
+                # still referenced here until they end: a later stop waits for them again
+                log.error("tasks_did_not_stop", tasks=sorted(t.get_name() for t in pending))

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of, require
-from mongarsd.api.io import get_str, json_response, read_json
+from mongarsd.api.io import get_str, json_response, read_json, require_str
 from mongarsd.errors import AuthError, NotFoundError
 
 
@@ -14,10 +14,9 @@ from mongarsd.errors import AuthError, NotFoundError
 async def handle_create(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     data = await read_json(request)
-    user = get_str(data, "user", required=True)
-    role = get_str(data, "role", default="user")
-    label = get_str(data, "label", default="", max_len=200)
-    assert user is not None and role is not None and label is not None
+    user = require_str(data, "user", max_len=200)
+    role = get_str(data, "role", default="user") or "user"
+    label = get_str(data, "label", default="", max_len=200) or ""
     secret, info = await ctx.tokens.async_create(user, role, label)
     return json_response({"token": secret, **info.public()}, status=201)
 

@@ -40,6 +40,7 @@ class AppContext:
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     inflight: int = 0
+    unclean_exits: int = 0  # previous runs on this state dir that ended without a clean stop
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -54,13 +55,14 @@ __all__ = ["CTX", "PRINCIPAL", "AppContext", "Principal", "create_app"]
 def create_app(ctx: AppContext, route_setups: list[Callable[[web.Application], None]] | None = None) -> web.Application:
     """Build the app: middlewares in order, then every surface's routes."""
     from mongarsd.api import admin, ops
-    from mongarsd.api.middlewares import build_middlewares
+    from mongarsd.api.middlewares import async_add_request_id, build_middlewares
 
     cfg = ctx.loaded.config
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes, middlewares=build_middlewares(ctx), handler_args={"max_field_size": 16384}
     )
     app[CTX] = ctx
+    app.on_response_prepare.append(async_add_request_id)
     ops.setup_routes(app)
     admin.setup_routes(app)
     for setup in route_setups or []:

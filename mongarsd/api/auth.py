@@ -4,38 +4,35 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from mongarsd.errors import AuthError
+from mongarsd.principal import PRINCIPAL, Principal
 
-Role = Literal["admin", "user", "peer"]
+# The principal lives in mongarsd.principal (no project imports) so the mesh can read it too;
+# it is re-exported here for the API side.
+__all__ = [
+    "LOCAL_ADMIN_USER",
+    "PRINCIPAL",
+    "REQUEST_ID",
+    "Principal",
+    "check_role",
+    "is_loopback",
+    "principal_of",
+    "public",
+    "require",
+    "required_role",
+]
+
 _ROLE_ATTR = "__mongarsd_role__"
 _RANK = {"peer": 1, "user": 1, "admin": 2}
 
 H = TypeVar("H", bound=Callable[..., Any])
 
 
-@dataclass(frozen=True)
-class Principal:
-    user: str
-    role: Role
-    token_id: str | None
-    loopback: bool
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-    @property
-    def rate_key(self) -> str:
-        return self.token_id or f"local:{self.user}"
-
-
 LOCAL_ADMIN_USER = "local"
-PRINCIPAL = web.RequestKey("mongarsd_principal", Principal)
 REQUEST_ID = web.RequestKey("mongarsd_request_id", str)
 
 

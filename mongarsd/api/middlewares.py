@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from mongarsd.api.auth import LOCAL_ADMIN_USER, PRINCIPAL, REQUEST_ID, Principal, check_role, is_loopback, required_role
 from mongarsd.api.errors import error_response
+from mongarsd.api.io import BODY_READ_TIMEOUT_S
 from mongarsd.const import TOKEN_PREFIX
 from mongarsd.errors import (
     AuthError,
@@ -24,6 +26,7 @@ from mongarsd.errors import (
     NotFoundError,
     OverloadedError,
     StoreError,
+    UnavailableError,
     ValidationError,
 )
 
@@ -35,6 +38,9 @@ log = structlog.get_logger("mongarsd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RATE_BUCKETS_MAX = 10_000
 REQUEST_ID_HEADER = "X-Request-Id"
+EMBEDDER_RETRY_AFTER_S = 5
+STORE_RETRY_AFTER_S = 2
+MAX_RETRY_AFTER_S = 30  # no hint ever asks a client to wait longer (a longer wait makes clients give up)
 
 
 class TokenBuckets:
@@ -122,15 +128,21 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
         except NotFoundError as err:
             return error_response(request, 404, str(err), param=err.param)
         except OverloadedError as err:
-            retry = str(max(1, math.ceil(err.retry_after_s)))
+            retry = str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(err.retry_after_s))))
             return error_response(request, err.status, str(err), headers={"Retry-After": retry})
         except ModelError as err:
             return error_response(request, 404 if "unknown model" in str(err) else 422, str(err), param="model")
         except EmbedderUnavailableError as err:
-            return error_response(request, 503, str(err), headers={"Retry-After": "5"})
-        except (InferenceError, MeshError, StoreError) as err:
+            return error_response(request, 503, str(err), headers={"Retry-After": str(EMBEDDER_RETRY_AFTER_S)} if err.transient else None)
+        except UnavailableError as err:
+            return error_response(request, 503, str(err))  # disabled by configuration: no Retry-After
+        except StoreError as err:
+            log.error("request_failed", path=request.path, error=str(err), transient=err.transient)
+            headers = {"Retry-After": str(STORE_RETRY_AFTER_S)} if err.transient else None
+            return error_response(request, 503, f"{type(err).__name__}: {err}", headers=headers)
+        except (InferenceError, MeshError) as err:
             log.error("request_failed", path=request.path, error=str(err))
-            return error_response(request, 503, f"{type(err).__name__}: {err}", headers={"Retry-After": "2"})
+            return error_response(request, 503, f"{type(err).__name__}: {err}", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
         except ConnectionResetError:
             raise  # the client went away; nothing to answer
         except Exception as err:  # last resort: log with the request id, never leak a trace
@@ -177,7 +189,12 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
     async def _authenticate(request: web.Request) -> Principal | None:
         # A node-signed forward is checked first, so one arriving over loopback is never the local admin.
         if ctx.mesh is not None:
-            peer: Principal | None = await ctx.mesh.async_authenticate(request)
+            try:
+                # a signed request's body is read here to check its signature: bound the wait for it
+                async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+                    peer: Principal | None = await ctx.mesh.async_authenticate(request)
+            except TimeoutError:
+                raise ValidationError(f"request body was not received within {BODY_READ_TIMEOUT_S:g} s", param="body", status=408) from None
             if peer is not None:
                 return peer
         header = request.headers.get("Authorization")
@@ -199,6 +216,13 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
         return None
 
     return [envelope_middleware, cors_middleware, auth_middleware]
+
+
+async def async_add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Stamp X-Request-Id on every response as its headers go out, streamed ones included."""
+    rid = request.get(REQUEST_ID)
+    if isinstance(rid, str) and REQUEST_ID_HEADER not in response.headers:
+        response.headers[REQUEST_ID_HEADER] = rid
 
 
 def _passthrough_headers(exc: web.HTTPException) -> dict[str, str]:

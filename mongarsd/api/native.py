@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import structlog
@@ -10,9 +9,10 @@ from aiohttp import web
 
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of
-from mongarsd.api.io import get_bool, get_number, get_str, json_response, query_int, read_json
+from mongarsd.api.io import dumps_bytes, get_bool, get_int, get_number, get_str, json_response, query_int, read_json
 from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ConversationPipeline, sanitize_message, validate_session_id
-from mongarsd.errors import MongarsError, OverloadedError, ValidationError
+from mongarsd.errors import MongarsError, UnavailableError, ValidationError
+from mongarsd.inference.sampling import SamplingSpec
 from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, MEMORY_KINDS, Hippocampus
 
 log = structlog.get_logger("mongarsd.api.native")
@@ -27,7 +27,7 @@ NDJSON = "application/x-ndjson"
 def _pipeline(request: web.Request) -> ConversationPipeline:
     pipeline = request.app[CTX].pipeline
     if pipeline is None:
-        raise OverloadedError("the conversation pipeline is not enabled on this daemon", retry_after_s=30.0, status=503)
+        raise UnavailableError("the conversation pipeline is not enabled on this daemon")
     assert isinstance(pipeline, ConversationPipeline)
     return pipeline
 
@@ -35,34 +35,29 @@ def _pipeline(request: web.Request) -> ConversationPipeline:
 def _hippocampus(request: web.Request) -> Hippocampus:
     hippo = request.app[CTX].hippocampus
     if hippo is None:
-        raise OverloadedError("memory is not enabled on this daemon", retry_after_s=30.0, status=503)
+        raise UnavailableError("memory is not enabled on this daemon")
     assert isinstance(hippo, Hippocampus)
     return hippo
 
 
-def _gen_settings(body: dict[str, Any]) -> dict[str, Any]:
-    gen: dict[str, Any] = {}
-    n = get_number(body, "max_tokens", lo=1, hi=32768, integer=True)
-    if n is not None:
-        gen["max_tokens"] = int(n)
-    for key, lo, hi in (("temperature", 0.0, 5.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0), ("repeat_penalty", 0.0, 5.0)):
-        v = get_number(body, key, lo=lo, hi=hi)
-        if v is not None:
-            gen[key] = v
-    top_k = get_number(body, "top_k", lo=0, hi=1000, integer=True)
-    if top_k is not None:
-        gen["top_k"] = int(top_k)
-    seed = get_number(body, "seed", lo=0, hi=2**32 - 1, integer=True)
-    if seed is not None:
-        gen["seed"] = int(seed)
+def parse_spec(body: dict[str, Any]) -> SamplingSpec:
+    """Read the native chat route's generation settings (pure)."""
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
             raise ValidationError("'stop' must be a string or a list of at most 8 non-empty strings of at most 64 characters", param="stop")
-        gen["stop"] = tuple(stop)
-    return gen
+    return SamplingSpec(
+        max_tokens=get_int(body, "max_tokens", lo=1, hi=32768),
+        temperature=get_number(body, "temperature", lo=0.0, hi=2.0),
+        top_p=get_number(body, "top_p", lo=0.0, hi=1.0),
+        min_p=get_number(body, "min_p", lo=0.0, hi=1.0),
+        repeat_penalty=get_number(body, "repeat_penalty", lo=0.01, hi=5.0),
+        top_k=get_int(body, "top_k", lo=0, hi=1000),
+        seed=get_int(body, "seed", lo=0, hi=2**32 - 1),
+        stop=tuple(stop or ()),
+    )
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
@@ -73,11 +68,11 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     session_id = validate_session_id(body.get("session_id"))
     model = get_str(body, "model", max_len=200, allow_empty=False)
     stream = get_bool(body, "stream", default=False)
-    gen = _gen_settings(body)
+    spec = parse_spec(body)
     if not stream:
-        result = await pipeline.async_chat(user, message, session_id, model=model, **gen)
+        result = await pipeline.async_chat(user, message, session_id, model=model, spec=spec)
         return json_response(result.public())
-    events = await pipeline.async_chat(user, message, session_id, stream=True, model=model, **gen)
+    events = await pipeline.async_chat(user, message, session_id, stream=True, model=model, spec=spec)
     try:
         first = await events.__anext__()  # refusals become plain HTTP errors before any byte is sent
         resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
@@ -88,14 +83,14 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
                 line: dict[str, Any] = {"delta": item.text, "done": False}
             else:
                 line = {**item.public(), "done": True}
-            await resp.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+            await resp.write(dumps_bytes(line) + b"\n")
             try:
                 item = await anext(events, None)
             except MongarsError as err:
                 # Headers are sent: the failure becomes the last line (the turn was not stored).
                 log.warning("chat_stream_failed", user=user, error=str(err))
                 error = {"code": type(err).__name__, "message": str(err)}
-                await resp.write(json.dumps({"error": error, "done": True}).encode() + b"\n")
+                await resp.write(dumps_bytes({"error": error, "done": True}) + b"\n")
                 break
         await resp.write_eof()
         return resp

@@ -14,28 +14,28 @@ from aiohttp import web
 
 from mongarsd.api.app import CTX, AppContext
 from mongarsd.api.auth import public
-from mongarsd.api.io import get_bool, get_str, json_response, read_json
+from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
 from mongarsd.api.openai import async_embed_texts, parse_embed_input
 from mongarsd.api.streaming import (
     DisconnectGuard,
     GenInfo,
-    SamplingSpec,
     StreamWriter,
     async_chat_events,
     async_collect,
     async_first,
     is_persona,
     normalize_messages,
-    opt_int,
-    opt_number,
     parse_seed,
     parse_stop,
 )
-from mongarsd.errors import ModelError, MongarsError, NotFoundError, OverloadedError, ValidationError
+from mongarsd.const import PERSONA_MODEL_ID
+from mongarsd.errors import ModelError, MongarsError, NotFoundError, UnavailableError, ValidationError
 from mongarsd.inference.gguf import ArrayInfo, read_gguf
+from mongarsd.inference.grammar import check_schema
 from mongarsd.inference.llm import TokenEvent
-from mongarsd.inference.manager import PERSONA_MODEL_ID, parse_keep_alive
+from mongarsd.inference.manager import parse_keep_alive
 from mongarsd.inference.models import ModelEntry
+from mongarsd.inference.sampling import SamplingSpec
 
 OLLAMA_COMPAT_VERSION = "0.9.0"  # the Ollama API level these routes follow (clients check it)
 OLLAMA_MAX_STOP = 16
@@ -82,7 +82,7 @@ def parse_options(options: object, fmt: object) -> SamplingSpec:
     if not isinstance(options, dict):
         raise ValidationError("'options' must be an object", param="options")
     p = "options."
-    num_predict = opt_int(options, "num_predict", prefix=p)
+    num_predict = get_int(options, "num_predict", prefix=p)
     max_tokens: int | None = None
     fill = False
     if num_predict is not None:
@@ -99,19 +99,20 @@ def parse_options(options: object, fmt: object) -> SamplingSpec:
     return SamplingSpec(
         max_tokens=max_tokens,
         fill_context=fill,
-        temperature=opt_number(options, "temperature", lo=0.0, hi=2.0, prefix=p),
-        top_p=opt_number(options, "top_p", lo=0.0, hi=1.0, prefix=p),
-        top_k=opt_int(options, "top_k", lo=0, hi=1_000_000, prefix=p),
-        min_p=opt_number(options, "min_p", lo=0.0, hi=1.0, prefix=p),
-        repeat_penalty=opt_number(options, "repeat_penalty", lo=0.01, hi=10.0, prefix=p),
-        repeat_last_n=opt_int(options, "repeat_last_n", lo=-1, hi=4096, prefix=p),
-        presence_penalty=opt_number(options, "presence_penalty", lo=-2.0, hi=2.0, prefix=p),
-        frequency_penalty=opt_number(options, "frequency_penalty", lo=-2.0, hi=2.0, prefix=p),
+        temperature=get_number(options, "temperature", lo=0.0, hi=2.0, prefix=p),
+        top_p=get_number(options, "top_p", lo=0.0, hi=1.0, prefix=p),
+        top_k=get_int(options, "top_k", lo=0, hi=1_000_000, prefix=p),
+        min_p=get_number(options, "min_p", lo=0.0, hi=1.0, prefix=p),
+        repeat_penalty=get_number(options, "repeat_penalty", lo=0.01, hi=10.0, prefix=p),
+        repeat_last_n=get_int(options, "repeat_last_n", lo=-1, hi=4096, prefix=p),
+        presence_penalty=get_number(options, "presence_penalty", lo=-2.0, hi=2.0, prefix=p),
+        frequency_penalty=get_number(options, "frequency_penalty", lo=-2.0, hi=2.0, prefix=p),
         seed=parse_seed(options, prefix=p),
         stop=parse_stop(options.get("stop"), max_items=OLLAMA_MAX_STOP, param="options.stop"),
-        num_ctx=opt_int(options, "num_ctx", lo=1, prefix=p),
+        num_ctx=get_int(options, "num_ctx", lo=1, prefix=p),
         json_mode=json_mode,
         json_schema=schema,
+        schema_param="format",
     )
 
 
@@ -122,7 +123,7 @@ def parse_format(fmt: object) -> tuple[bool, Mapping[str, Any] | None]:
     if fmt == "json":
         return True, None
     if isinstance(fmt, dict):
-        return False, fmt
+        return False, check_schema(fmt, param="format")
     raise ValidationError("'format' must be \"json\" or a JSON Schema object, got " + repr(fmt)[:60], param="format")
 
 
@@ -137,8 +138,7 @@ class OllamaRequest:
 
 
 def _common(body: Mapping[str, Any]) -> tuple[str, bool, float | None]:
-    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
-    assert model is not None
+    model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     stream = get_bool(body, "stream", default=True)
     keep_alive = parse_keep_alive(body.get("keep_alive"))
     if body.get("tools"):
@@ -272,7 +272,7 @@ async def _async_load_only(request: web.Request, req: OllamaRequest, *, chat: bo
         model, reason = PERSONA_MODEL_ID, "load"
     else:
         if ctx.llm is None:
-            raise OverloadedError("inference is not enabled on this daemon", retry_after_s=30.0, status=503)
+            raise UnavailableError("inference is not enabled on this daemon")
         manager = ctx.llm
         entry = await manager.async_resolve(req.model)
         model = entry.id
@@ -364,8 +364,7 @@ async def handle_embed(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     t0 = time.monotonic()
     body = await read_json(request)
-    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
-    assert model is not None
+    model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     texts = parse_embed_input(body.get("input"))
     truncate = get_bool(body, "truncate", default=True)
     parse_keep_alive(body.get("keep_alive"))
@@ -397,8 +396,7 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     """The legacy single-prompt route: {model, prompt} -> {embedding}."""
     ctx = request.app[CTX]
     body = await read_json(request)
-    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
-    assert model is not None
+    model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise ValidationError("'prompt' must be a string", param="prompt")

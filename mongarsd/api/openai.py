@@ -13,27 +13,27 @@ import numpy as np
 from aiohttp import web
 
 from mongarsd.api.app import CTX, AppContext
-from mongarsd.api.io import get_bool, get_str, json_response, read_json
+from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
 from mongarsd.api.streaming import (
     DisconnectGuard,
     GenInfo,
-    SamplingSpec,
     StreamWriter,
     async_chat_events,
     async_collect,
     async_first,
     is_persona,
     normalize_messages,
-    opt_int,
-    opt_number,
     parse_seed,
     parse_stop,
 )
+from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, ValidationError
+from mongarsd.inference.grammar import check_schema
 from mongarsd.inference.llm import Timings, TokenEvent
-from mongarsd.inference.manager import PERSONA_MODEL_ID
+from mongarsd.inference.sampling import SamplingSpec
 
 OPENAI_MAX_STOP = 4
+SCHEMA_PARAM = "response_format.json_schema.schema"
 MAX_MODEL_NAME_CHARS = 256
 OWNER = "mongarsd"
 EMBED_MODEL_ALIASES = ("all-minilm-l6-v2", "all-minilm", "sentence-transformers/all-minilm-l6-v2")
@@ -62,9 +62,9 @@ def _reject_if(body: Mapping[str, Any], key: str, ok: Callable[[Any], bool], why
 
 def parse_sampling(body: Mapping[str, Any]) -> SamplingSpec:
     """Read OpenAI sampling fields (plus llama-server's top_k, min_p, repeat_penalty) (pure)."""
-    max_tokens = opt_int(body, "max_completion_tokens", lo=1)
+    max_tokens = get_int(body, "max_completion_tokens", lo=1)
     if max_tokens is None:
-        max_tokens = opt_int(body, "max_tokens", lo=1)
+        max_tokens = get_int(body, "max_tokens", lo=1)
     _reject_if(body, "n", lambda v: v == 1, "must be 1: this server returns one choice per request")
     _reject_if(body, "best_of", lambda v: v == 1, "must be 1: this server returns one choice per request")
     _reject_if(body, "logprobs", lambda v: v is False or v == 0, "is not supported by this server")
@@ -77,17 +77,18 @@ def parse_sampling(body: Mapping[str, Any]) -> SamplingSpec:
     json_mode, schema = parse_response_format(body.get("response_format"))
     return SamplingSpec(
         max_tokens=max_tokens,
-        temperature=opt_number(body, "temperature", lo=0.0, hi=2.0),
-        top_p=opt_number(body, "top_p", lo=0.0, hi=1.0),
-        top_k=opt_int(body, "top_k", lo=0, hi=1_000_000),
-        min_p=opt_number(body, "min_p", lo=0.0, hi=1.0),
-        repeat_penalty=opt_number(body, "repeat_penalty", lo=0.01, hi=10.0),
-        presence_penalty=opt_number(body, "presence_penalty", lo=-2.0, hi=2.0),
-        frequency_penalty=opt_number(body, "frequency_penalty", lo=-2.0, hi=2.0),
+        temperature=get_number(body, "temperature", lo=0.0, hi=2.0),
+        top_p=get_number(body, "top_p", lo=0.0, hi=1.0),
+        top_k=get_int(body, "top_k", lo=0, hi=1_000_000),
+        min_p=get_number(body, "min_p", lo=0.0, hi=1.0),
+        repeat_penalty=get_number(body, "repeat_penalty", lo=0.01, hi=10.0),
+        presence_penalty=get_number(body, "presence_penalty", lo=-2.0, hi=2.0),
+        frequency_penalty=get_number(body, "frequency_penalty", lo=-2.0, hi=2.0),
         seed=parse_seed(body),
         stop=parse_stop(body.get("stop"), max_items=OPENAI_MAX_STOP),
         json_mode=json_mode,
         json_schema=schema,
+        schema_param=SCHEMA_PARAM,
     )
 
 
@@ -106,20 +107,14 @@ def parse_response_format(value: object) -> tuple[bool, Mapping[str, Any] | None
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
             raise ValidationError("'response_format.json_schema' must be an object with a 'schema'", param="response_format.json_schema")
-        schema = spec.get("schema")
-        if not isinstance(schema, dict):
-            raise ValidationError(
-                "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format.json_schema.schema"
-            )
-        return False, schema
+        return False, check_schema(spec.get("schema"), param=SCHEMA_PARAM)
     raise ValidationError(
         "'response_format.type' must be text, json_object or json_schema, got " + repr(str(kind)[:40]), param="response_format.type"
     )
 
 
 def _parse_common(body: Mapping[str, Any]) -> tuple[str, bool, bool]:
-    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
-    assert model is not None
+    model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     stream = get_bool(body, "stream", default=False)
     options = body.get("stream_options")
     include_usage = False
@@ -376,7 +371,7 @@ async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tu
     """Embed texts with the embedder; return (vectors [n, dim], tokens counted)."""
     embedder = ctx.embedder
     if embedder is None:
-        raise EmbedderUnavailableError("the embedding model is not enabled on this daemon")
+        raise EmbedderUnavailableError("the embedding model is not enabled on this daemon", transient=False)
     if not embed_model_matches(model, embedder.model_id):
         if ctx.llm is not None and not is_persona(model):
             try:
@@ -394,13 +389,12 @@ async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tu
 async def handle_embeddings(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     body = await read_json(request)
-    model = get_str(body, "model", required=True, allow_empty=False, max_len=MAX_MODEL_NAME_CHARS)
-    assert model is not None
+    model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     texts = parse_embed_input(body.get("input"))
     fmt = get_str(body, "encoding_format", default="float")
     if fmt not in ("float", "base64"):
         raise ValidationError("'encoding_format' must be float or base64", param="encoding_format")
-    dims = opt_int(body, "dimensions", lo=1)
+    dims = get_int(body, "dimensions", lo=1)
     vectors, n_tokens = await async_embed_texts(ctx, model, texts)
     if dims is not None and dims != vectors.shape[1]:
         raise ValidationError("'dimensions' must be " + str(vectors.shape[1]) + " for " + ctx.embedder.model_id, param="dimensions")

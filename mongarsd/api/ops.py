@@ -63,6 +63,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "process": {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "threads": proc.num_threads()},
         "event_loop_lag": ctx.metrics.loop_lag_summary(),
         "inflight_requests": ctx.inflight,
+        "unclean_exits": ctx.unclean_exits,
     }
     return json_response(body)
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from mongarsd.api.app import CTX, AppContext
-from mongarsd.errors import ContextOverflowError, MongarsError, NotFoundError, OverloadedError, ValidationError
+from mongarsd.api.io import dumps_bytes, get_number, kind_of
+from mongarsd.const import PERSONA_MODEL_ID
+from mongarsd.errors import MongarsError, NotFoundError, UnavailableError, ValidationError
 from mongarsd.inference.llm import TokenEvent
-from mongarsd.inference.manager import PERSONA_MODEL_ID
-from mongarsd.inference.sampling import MAX_SEED, MAX_STOP_CHARS, GenerationParams
+from mongarsd.inference.sampling import MAX_SEED, MAX_STOP_CHARS, SamplingSpec, build_params
 
 log = structlog.get_logger("mongarsd.api.streaming")
 
@@ -38,76 +37,6 @@ MAX_MESSAGES = 1024
 # Pure request pieces
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingSpec:
-    """Sampling settings as the client gave them (None: server default), in engine vocabulary."""
-
-    max_tokens: int | None = None  # None: max_tokens_default, capped by the room left
-    fill_context: bool = False  # Ollama num_predict -1/-2: generate until the context is full
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    json_mode: bool = False
-    json_schema: Mapping[str, Any] | None = field(default=None, hash=False)
-    num_ctx: int | None = None
-
-
-def build_params(spec: SamplingSpec, *, n_prompt: int, n_ctx: int, max_tokens_default: int) -> GenerationParams:
-    """Turn a SamplingSpec into GenerationParams once the prompt length is known (pure).
-
-    Raises ContextOverflowError naming the token counts when the prompt leaves no room.
-    num_ctx (Ollama) lowers the context for this request; above the model's it is clamped.
-    """
-    # num_ctx above the model's context is clamped, as Ollama does: Home Assistant's Ollama
-    # integration sends num_ctx 8192 by default, and refusing it would break that client
-    limit = min(n_ctx, spec.num_ctx) if spec.num_ctx else n_ctx
-    room = limit - n_prompt
-    if room < 1:
-        raise ContextOverflowError(
-            "prompt has " + str(n_prompt) + " tokens but the context holds " + str(limit) + " tokens; shorten the conversation",
-        )
-    if spec.max_tokens is not None:
-        if n_prompt + spec.max_tokens > limit:
-            raise ContextOverflowError(
-                "prompt has "
-                + str(n_prompt)
-                + " tokens and max_tokens is "
-                + str(spec.max_tokens)
-                + ": together over the context of "
-                + str(limit)
-                + " tokens",
-                param="max_tokens",
-            )
-        max_tokens = spec.max_tokens
-    elif spec.fill_context:
-        max_tokens = room
-    else:
-        max_tokens = min(max_tokens_default, room)
-    base = GenerationParams()
-    return GenerationParams(
-        max_tokens=max_tokens,
-        temperature=base.temperature if spec.temperature is None else spec.temperature,
-        top_k=base.top_k if spec.top_k is None else spec.top_k,
-        top_p=base.top_p if spec.top_p is None else spec.top_p,
-        min_p=base.min_p if spec.min_p is None else spec.min_p,
-        repeat_penalty=base.repeat_penalty if spec.repeat_penalty is None else spec.repeat_penalty,
-        repeat_last_n=base.repeat_last_n if spec.repeat_last_n is None else spec.repeat_last_n,
-        presence_penalty=base.presence_penalty if spec.presence_penalty is None else spec.presence_penalty,
-        frequency_penalty=base.frequency_penalty if spec.frequency_penalty is None else spec.frequency_penalty,
-        seed=spec.seed,
-        stop=spec.stop,
-        json_schema=spec.json_schema,
-        json_mode=spec.json_mode and spec.json_schema is None,
-    )
-
-
 def normalize_messages(raw: object, *, param: str = "messages", allow_images: bool = False) -> list[dict[str, str]]:
     """Validate chat messages and return them as [{role, content}] with text content (pure).
 
@@ -115,7 +44,7 @@ def normalize_messages(raw: object, *, param: str = "messages", allow_images: bo
     null (assistant turns that only called tools), or a list of text parts.
     """
     if not isinstance(raw, list):
-        raise ValidationError("'" + param + "' must be a list of messages, got " + _kind(raw), param=param)
+        raise ValidationError("'" + param + "' must be a list of messages, got " + kind_of(raw), param=param)
     if not raw:
         raise ValidationError("'" + param + "' must contain at least one message", param=param)
     if len(raw) > MAX_MESSAGES:
@@ -124,7 +53,7 @@ def normalize_messages(raw: object, *, param: str = "messages", allow_images: bo
     for i, msg in enumerate(raw):
         where = param + "[" + str(i) + "]"
         if not isinstance(msg, dict):
-            raise ValidationError("'" + where + "' must be an object with role and content, got " + _kind(msg), param=where)
+            raise ValidationError("'" + where + "' must be an object with role and content, got " + kind_of(msg), param=where)
         role = msg.get("role")
         if not isinstance(role, str):
             raise ValidationError("'" + where + ".role' is required (one of " + ", ".join(CHAT_ROLES) + ")", param=where + ".role")
@@ -144,7 +73,7 @@ def normalize_messages(raw: object, *, param: str = "messages", allow_images: bo
             text = _join_parts(content, where + ".content")
         else:
             raise ValidationError(
-                "'" + where + ".content' must be a string or a list of text parts, got " + _kind(content), param=where + ".content"
+                "'" + where + ".content' must be a string or a list of text parts, got " + kind_of(content), param=where + ".content"
             )
         if "\x00" in text:
             raise ValidationError("'" + where + ".content' must not contain NUL characters", param=where + ".content")
@@ -163,7 +92,7 @@ def _join_parts(parts: list[Any], where: str) -> str:
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise ValidationError("'" + at + "' must be a content part object, got " + _kind(part), param=at)
+            raise ValidationError("'" + at + "' must be a content part object, got " + kind_of(part), param=at)
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
@@ -174,12 +103,6 @@ def _join_parts(parts: list[Any], where: str) -> str:
                 "'" + at + ".type' " + repr(str(kind)[:40]) + " is not supported: only text content parts are", param=at + ".type"
             )
     return "\n".join(texts)
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
 def check_prompt_chars(messages: Sequence[Mapping[str, str]], limit: int, *, param: str = "messages") -> None:
@@ -193,43 +116,9 @@ def check_prompt_chars(messages: Sequence[Mapping[str, str]], limit: int, *, par
         )
 
 
-def opt_number(
-    data: Mapping[str, Any], key: str, *, lo: float | None = None, hi: float | None = None, integer: bool = False, prefix: str = ""
-) -> float | None:
-    """Read an optional number field, naming the field (with its prefix) in the error (pure)."""
-    value = data.get(key)
-    name = prefix + key
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError("'" + name + "' must be a number, got " + _kind(value), param=name)
-    if not math.isfinite(value):
-        raise ValidationError("'" + name + "' must be a finite number", param=name)
-    if integer and not float(value).is_integer():
-        raise ValidationError("'" + name + "' must be an integer, got " + repr(value), param=name)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        if lo is not None and hi is not None:
-            rng = "between " + _fmt(lo) + " and " + _fmt(hi)
-        elif lo is not None:
-            rng = "at least " + _fmt(lo)
-        else:
-            rng = "at most " + _fmt(hi if hi is not None else 0)
-        raise ValidationError("'" + name + "' must be " + rng + ", got " + _fmt(value), param=name)
-    return int(value) if integer else float(value)
-
-
-def opt_int(data: Mapping[str, Any], key: str, *, lo: int | None = None, hi: int | None = None, prefix: str = "") -> int | None:
-    value = opt_number(data, key, lo=lo, hi=hi, integer=True, prefix=prefix)
-    return None if value is None else int(value)
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def parse_seed(data: Mapping[str, Any], key: str = "seed", *, prefix: str = "") -> int | None:
     """Read a seed: a non-negative 32-bit integer; negative means random (pure)."""
-    value = opt_number(data, key, integer=True, prefix=prefix)
+    value = get_number(data, key, integer=True, prefix=prefix)
     if value is None or value < 0:
         return None
     if value > MAX_SEED:
@@ -243,7 +132,7 @@ def parse_stop(value: object, *, max_items: int, param: str = "stop") -> tuple[s
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise ValidationError("'" + param + "' must be a string or a list of strings, got " + _kind(value), param=param)
+        raise ValidationError("'" + param + "' must be a string or a list of strings, got " + kind_of(value), param=param)
     if len(items) > max_items:
         raise ValidationError("'" + param + "' has " + str(len(items)) + " sequences; at most " + str(max_items), param=param)
     out: list[str] = []
@@ -276,7 +165,7 @@ class GenInfo:
 
 def _manager(ctx: AppContext) -> Any:
     if ctx.llm is None:
-        raise OverloadedError("inference is not enabled on this daemon", retry_after_s=30.0, status=503)
+        raise UnavailableError("inference is not enabled on this daemon")
     return ctx.llm
 
 
@@ -338,12 +227,8 @@ async def _async_persona_events(
 
     principal = principal_of(request)
     info.model = PERSONA_MODEL_ID
-    manager = ctx.llm
-    n_ctx = manager.n_ctx if manager is not None else 2048
-    default = manager.max_tokens_default if manager is not None else 256
-    # the pipeline builds the real prompt; give it params sized for an empty prompt
-    params = build_params(replace(spec, num_ctx=None), n_prompt=0, n_ctx=n_ctx, max_tokens_default=default)
-    result = pipeline.async_chat_messages(principal.user, messages, stream, params)
+    # the pipeline builds the real prompt and sizes the reply once it knows its length
+    result = pipeline.async_chat_messages(principal.user, messages, stream, spec)
     if inspect.isawaitable(result):
         result = await result
     events: AsyncIterator[TokenEvent] = result
@@ -464,7 +349,7 @@ class StreamWriter:
         await self.response.prepare(self._request)
 
     async def async_send(self, obj: Mapping[str, Any]) -> None:
-        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        data = dumps_bytes(obj, compact=True)
         if self._kind == "sse":
             await self.response.write(b"data: " + data + b"\n\n")
         else:

@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import structlog
@@ -23,9 +23,10 @@ from mongarsd.cognition import bouche, mimicry, personality
 from mongarsd.cognition.prompt import Msg, PromptParts, fit
 from mongarsd.errors import EmbedderUnavailableError, InferenceError, MongarsError, StoreError, ValidationError
 from mongarsd.inference.llm import TokenEvent
-from mongarsd.inference.sampling import GenerationParams
+from mongarsd.inference.sampling import SamplingSpec, build_params, check_fits, context_limit, reply_reserve
 from mongarsd.memory.hippocampus import Hippocampus, Message, RecallResult
 from mongarsd.memory.profiles import ProfileRow, ProfileStore
+from mongarsd.sanitize import clean_text
 
 log = structlog.get_logger("mongarsd.cognition.pipeline")
 
@@ -37,21 +38,6 @@ MAX_MESSAGE_CHARS = 32_000
 MAX_SESSION_ID_CHARS = 100
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-GEN_PARAM_NAMES = frozenset(
-    {
-        "max_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repeat_penalty",
-        "repeat_last_n",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "stop",
-    }
-)
 PERSONA_SESSION_ID = "default"
 STAGES = ("validate", "history", "recall", "profile", "prompt", "first_token", "generate", "shape", "persist", "total")
 
@@ -116,16 +102,13 @@ class ChatResult:
 
 
 def sanitize_message(message: object, *, max_chars: int = MAX_MESSAGE_CHARS, param: str = "message") -> str:
-    """Validate a user message: a non-empty string of valid Unicode within the size cap; strip control characters."""
+    """Validate a user message: a non-empty string within the size cap; strip control characters, repair unpaired surrogates."""
     if not isinstance(message, str):
         raise ValidationError(f"'{param}' must be a string, got {type(message).__name__}", param=param)
     if len(message) > max_chars:
         raise ValidationError(f"'{param}' is too long ({len(message)} characters; at most {max_chars})", param=param, status=413)
-    try:
-        message.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"'{param}' contains invalid Unicode (an unpaired surrogate)", param=param) from None
-    cleaned = _CONTROL_RE.sub("", message).strip()
+    # unpaired surrogates become U+FFFD, as everywhere else (mongarsd.sanitize)
+    cleaned = _CONTROL_RE.sub("", clean_text(message)).strip()
     if not cleaned:
         raise ValidationError(f"'{param}' must not be empty", param=param)
     return cleaned
@@ -140,22 +123,6 @@ def validate_session_id(session_id: object) -> str:
             "'session_id' must be 1-100 characters: letters, digits and _ . : @ -, starting with a letter or digit", param="session_id"
         )
     return session_id
-
-
-def build_params(base_max_tokens: int, params: GenerationParams | None, gen: Mapping[str, Any]) -> GenerationParams:
-    """Merge keyword generation settings into GenerationParams, naming any unknown one."""
-    for key in gen:
-        if key not in GEN_PARAM_NAMES:
-            raise ValidationError(f"unknown generation parameter '{key}'", param=key)
-    p = params or GenerationParams(max_tokens=base_max_tokens)
-    values = {k: v for k, v in gen.items() if v is not None}
-    if "stop" in values:
-        stop = values["stop"]
-        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    try:
-        return replace(p, **values)
-    except TypeError as err:
-        raise ValidationError(f"invalid generation parameters: {err}", param="params") from None
 
 
 def content_text(content: object, param: str) -> str:
@@ -206,7 +173,7 @@ class ConversationPipeline:
 
     name = "pipeline"
     start_timeout_s = 5.0
-    stop_timeout_s = 5.0
+    stop_timeout_s = 1.0
 
     def __init__(
         self,
@@ -260,8 +227,8 @@ class ConversationPipeline:
     ) -> ChatResult | AsyncGenerator[ChatChunk | ChatResult, None]:
         """Run one turn. stream=False: the final ChatResult. stream=True: an iterator of ChatChunk then one ChatResult.
 
-        Keyword args: model, params (GenerationParams), context (research text for the prompt only,
-        never stored as the user's words), and generation settings (max_tokens, temperature, ...).
+        Keyword args: model, spec (SamplingSpec: the client's sampling settings), and context
+        (research text for the prompt only, never stored as the user's words).
         """
         it = self.async_chat_stream(user, message, session_id, **kw)
         if stream:
@@ -273,7 +240,7 @@ class ConversationPipeline:
         user: str,
         messages: Sequence[Mapping[str, Any]],
         stream: bool = False,
-        params: GenerationParams | None = None,
+        spec: SamplingSpec | None = None,
         *,
         session_id: str | None = None,
         model: str | None = None,
@@ -312,7 +279,7 @@ class ConversationPipeline:
             turn["content"],
             session_id if session_id is not None else PERSONA_SESSION_ID,
             model=model,
-            params=params,
+            spec=spec,
             history_override=history if history else None,
             extra_system=extra_system,
         )
@@ -345,11 +312,10 @@ class ConversationPipeline:
         session_id: object = None,
         *,
         model: str | None = None,
-        params: GenerationParams | None = None,
+        spec: SamplingSpec | None = None,
         context: Sequence[str] = (),
         history_override: Sequence[Msg] | None = None,
         extra_system: Sequence[str] = (),
-        **gen: Any,
     ) -> AsyncGenerator[ChatChunk | ChatResult, None]:
         """Yield ChatChunk pieces while generating, then exactly one ChatResult once the turn is durable."""
         t_start = time.perf_counter()
@@ -357,31 +323,25 @@ class ConversationPipeline:
         degraded: list[str] = []
         text = sanitize_message(message, max_chars=self.max_message_chars)
         sid = validate_session_id(session_id)
-        gparams = build_params(self.max_tokens_default, params, gen)
+        spec = spec if spec is not None else SamplingSpec()
         timings["validate"] = _ms(t_start)
 
-        history_task = (
-            None
-            if history_override is not None
-            else asyncio.ensure_future(self._async_stage("history", self._async_history(user, sid), timings, degraded))
-        )
-        recall_task = asyncio.ensure_future(
-            self._async_stage("recall", self.hippocampus.async_recall(user, text, self.recall_k), timings, degraded)
-        )
-        profile_task = asyncio.ensure_future(self._async_stage("profile", self.profiles.async_get(user), timings, degraded))
-        try:
-            hist_msgs: list[Msg]
-            if history_override is not None:
-                hist_msgs = list(history_override)
-            else:
-                assert history_task is not None
-                hist_msgs = (await history_task) or []
-            recall: RecallResult = (await recall_task) or RecallResult([])
-            profile: ProfileRow = (await profile_task) or ProfileRow(user, {}, {}, None)
-        finally:
-            for task in (history_task, recall_task, profile_task):
-                if task is not None and not task.done():
-                    task.cancel()
+        # The optional stages run side by side; the group cancels them all if the turn is cancelled.
+        async with asyncio.TaskGroup() as tg:
+            history_task = (
+                None
+                if history_override is not None
+                else tg.create_task(self._async_stage("history", self._async_history(user, sid), timings, degraded), name="turn-history")
+            )
+            recall_task = tg.create_task(
+                self._async_stage("recall", self.hippocampus.async_recall(user, text, self.recall_k), timings, degraded), name="turn-recall"
+            )
+            profile_task = tg.create_task(
+                self._async_stage("profile", self.profiles.async_get(user), timings, degraded), name="turn-profile"
+            )
+        hist_msgs: list[Msg] = list(history_override or []) if history_task is None else (history_task.result() or [])
+        recall: RecallResult = recall_task.result() or RecallResult([])
+        profile: ProfileRow = profile_task.result() or ProfileRow(user, {}, {}, None)
         if recall.degraded:
             degraded.append("recall:" + recall.status)
         memories = select_memories(recall, hist_msgs)
@@ -398,18 +358,18 @@ class ConversationPipeline:
 
         async with self._async_engine(model, timings) as (engine, model_id):
             t0 = time.perf_counter()
-            budget = int(engine.n_ctx_per_slot) - gparams.max_tokens
-            if budget <= 0:
-                raise ValidationError(
-                    f"max_tokens ({gparams.max_tokens}) leaves no room for the prompt in the model's context of {engine.n_ctx_per_slot} tokens",
-                    param="max_tokens",
-                )
+            n_ctx = context_limit(spec, int(engine.n_ctx_per_slot))
+            reserve = reply_reserve(spec, self.max_tokens_default)
+            if n_ctx - reserve < 1:
+                check_fits(1, reserve, n_ctx)  # the one overflow message: nothing fits beside the reply
 
-            def count(msgs: list[Msg]) -> int:
-                return len(engine.tokenize_chat(msgs))
+            def tokenize(msgs: list[Msg]) -> list[int]:
+                return list(engine.tokenize_chat(msgs))
 
-            fitted = await asyncio.wait_for(asyncio.to_thread(fit, parts, count, budget), self.timeouts.prompt_s)
-            tokens: list[int] = await asyncio.wait_for(asyncio.to_thread(engine.tokenize_chat, fitted.messages), self.timeouts.prompt_s)
+            # the fitted prompt's token ids are carried through to generation, never tokenized again
+            fitted = await asyncio.wait_for(asyncio.to_thread(fit, parts, tokenize, n_ctx - reserve), self.timeouts.prompt_s)
+            tokens = fitted.token_ids
+            gparams = build_params(spec, n_prompt=len(tokens), n_ctx=int(engine.n_ctx_per_slot), max_tokens_default=self.max_tokens_default)
             timings["prompt"] = _ms(t0)
             memories = memories[: fitted.memories_kept]
 
@@ -527,30 +487,43 @@ class ConversationPipeline:
             new_mim = mimicry.update_profile(mim, text)
             return new_mim, personality.observe(per, new_mim)
 
-        store = asyncio.ensure_future(
-            self.hippocampus.async_store_turn(
-                user,
-                sid,
-                text,
-                answer,
-                model=model_id,
-                prompt_tokens=int(final.prompt_tokens),
-                completion_tokens=int(final.completion_tokens),
-            )
-        )
-        upd = asyncio.ensure_future(self.profiles.async_update(user, update))
-        try:
-            stored = await asyncio.wait_for(asyncio.shield(store), self.timeouts.persist_s)
-        except TimeoutError:
-            upd.cancel()
-            raise StoreError(f"storing the turn took longer than {self.timeouts.persist_s:g} s; it may or may not be saved") from None
-        try:
-            await asyncio.wait_for(upd, self.timeouts.update_s)
-        except TimeoutError:
-            degraded.append("profile_update:timeout")
-        except (StoreError, MongarsError) as err:
-            degraded.append("profile_update:error")
-            log.warning("profile_update_failed", user=user, error=str(err))
+        async def async_update_profile() -> None:
+            try:
+                await asyncio.wait_for(self.profiles.async_update(user, update), self.timeouts.update_s)
+            except TimeoutError:
+                degraded.append("profile_update:timeout")
+            except MongarsError as err:
+                degraded.append("profile_update:error")
+                log.warning("profile_update_failed", user=user, error=str(err))
+
+        async def async_store() -> Any:
+            """Return the stored turn, or the StoreError to raise once the group is done."""
+            try:
+                return await asyncio.wait_for(
+                    self.hippocampus.async_store_turn(
+                        user,
+                        sid,
+                        text,
+                        answer,
+                        model=model_id,
+                        prompt_tokens=int(final.prompt_tokens),
+                        completion_tokens=int(final.completion_tokens),
+                    ),
+                    self.timeouts.persist_s,
+                )
+            except TimeoutError:
+                # a write already queued still commits: a timeout cannot promise it was not saved
+                return StoreError(f"storing the turn took longer than {self.timeouts.persist_s:g} s; it may or may not be saved")
+            except StoreError as err:
+                return err
+
+        # Both writes go out together and share one writer batch.
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(async_update_profile(), name="turn-profile-update")
+            store = tg.create_task(async_store(), name="turn-store")
+        stored = store.result()
+        if isinstance(stored, StoreError):
+            raise stored
         return stored
 
     # ---------------------------------------------------------------- feedback and profile

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from mongarsd.errors import ValidationError
 
 Msg = dict[str, str]
-TokenCounter = Callable[[list[Msg]], int]
+# The model's tokenizer: token ids (carried through to generation) or, in pure tests, a count.
+TokenCounter = Callable[[list[Msg]], list[int] | int]
 
 MEMORY_HEADER = "What you remember about this user from earlier conversations (use it only if relevant; it may be outdated):"
 CONTEXT_HEADER = "Background information gathered for this question (may be incomplete):"
@@ -41,6 +42,7 @@ class FittedPrompt:
     dropped_history: int = 0
     dropped_memories: int = 0
     notes: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the fitted prompt, tokenized once
 
 
 def _one_line(text: str) -> str:
@@ -84,7 +86,9 @@ def fit(parts: PromptParts, count_tokens: TokenCounter, budget: int) -> FittedPr
     def attempt(cut: int, n_mem: int) -> FittedPrompt | int:
         history_from = starts[cut]
         messages = render(parts, n_mem, history_from)
-        tokens = count_tokens(messages)
+        counted = count_tokens(messages)
+        ids = [] if isinstance(counted, int) else counted
+        tokens = counted if isinstance(counted, int) else len(counted)
         if tokens > budget:
             return tokens
         return FittedPrompt(
@@ -95,6 +99,7 @@ def fit(parts: PromptParts, count_tokens: TokenCounter, budget: int) -> FittedPr
             history_kept=len(parts.history) - history_from,
             dropped_history=history_from,
             dropped_memories=len(parts.memories) - n_mem,
+            token_ids=ids,
         )
 
     n_mem = len(parts.memories)

@@ -12,7 +12,7 @@ from mongarsd.const import EXIT_FAILURE, EXIT_OK
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from mongarsd.cli import load_from_args
+    from mongarsd.cli_common import load_from_args
     from mongarsd.inference.models import ModelRegistry
 
     loaded, _ = load_from_args(args)

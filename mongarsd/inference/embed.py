@@ -86,7 +86,7 @@ class Embedder:
 
     name = "embed"
     start_timeout_s = 60.0
-    stop_timeout_s = 10.0
+    stop_timeout_s = 2.0
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ from typing import Any
 import structlog
 
 from mongarsd.errors import (
-    ContextOverflowError,
     InferenceError,
     ModelError,
     OverloadedError,
@@ -45,20 +44,21 @@ from mongarsd.errors import (
 )
 from mongarsd.inference.chat_template import ChatTemplate
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
+from mongarsd.inference.grammar import GrammarCompiler
 from mongarsd.inference.sampling import (
     GenerationParams,
     StopMatcher,
     Utf8Stream,
-    grammar_for,
+    check_fits,
     validate_params,
 )
 
 log = structlog.get_logger("mongarsd.inference.llm")
 
-ENGINE_JOIN_TIMEOUT_S = 10.0
+ENGINE_JOIN_TIMEOUT_S = 4.0  # one decode step is far shorter; within the inference stop budget
 IDLE_WAIT_S = 1.0
 MIN_RETRY_AFTER_S = 1.0
-MAX_RETRY_AFTER_S = 60.0
+MAX_RETRY_AFTER_S = 30.0  # a client told to wait longer gives up; the estimate is capped here
 SLOT_SIMILARITY_MIN = 0.1  # llama-server's --slot-prompt-similarity default
 PIECE_BUF_BYTES = 256
 GRAMMAR_IN_THREAD_CHARS = 2048  # build bigger grammars off the event loop
@@ -327,7 +327,7 @@ class LlamaEngine:
 
     name = "llm"
     start_timeout_s = 120.0
-    stop_timeout_s = 15.0
+    stop_timeout_s = 6.0
 
     def __init__(
         self,
@@ -370,6 +370,7 @@ class LlamaEngine:
         self.use_mlock = use_mlock
         self.gpu_layers = gpu_layers
         self._warmup = warmup
+        self._grammars = GrammarCompiler()
         self._warmup_token = 0
         self._ready = threading.Event()
 
@@ -663,16 +664,7 @@ class LlamaEngine:
             raise ValidationError("prompt is empty", param="prompt")
         if min(prompt_tokens) < 0 or max(prompt_tokens) >= self._n_vocab:
             raise ValidationError("prompt has token ids outside the vocabulary", param="prompt")
-        if n_prompt + params.max_tokens > self._n_ctx_slot:
-            raise ContextOverflowError(
-                "prompt has "
-                + str(n_prompt)
-                + " tokens and max_tokens is "
-                + str(params.max_tokens)
-                + ": together over the context of "
-                + str(self._n_ctx_slot)
-                + " tokens"
-            )
+        check_fits(n_prompt, params.max_tokens, self._n_ctx_slot)
         if self._inflight >= self.slots + self.queue_depth:
             self._rejected_total += 1
             avg = self._finished_seconds / self._finished_requests if self._finished_requests else 0
@@ -689,7 +681,7 @@ class LlamaEngine:
         self._inflight += 1
         req: _Request | None = None
         try:
-            grammar = grammar_for(params)
+            grammar = await self._grammars.async_grammar_for(params)
             if grammar is not None and len(grammar) > GRAMMAR_IN_THREAD_CHARS:
                 sampler = await self._async_make_sampler_in_thread(lib, params, grammar)
             else:
@@ -952,6 +944,11 @@ class LlamaEngine:
             prompt = req.prompt
             start = req.pos
             take = min(len(prompt) - start, n_batch - n)
+            if take > 1 and start + take == len(prompt) and req.params.seed is not None:
+                # A seeded request decodes its last prompt token alone, exactly as a prefix-cache
+                # hit does: the same logits then give the same sample (ggml's numerics depend on
+                # the batch shape), so a repeated seeded request reproduces its answer.
+                take -= 1
             toks = slot.tokens
             base = len(toks)
             index = slot.index

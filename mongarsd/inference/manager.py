@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import structlog
 
-from mongarsd.errors import ModelError, NotFoundError, OverloadedError, ValidationError
+from mongarsd.errors import ModelError, MongarsError, NotFoundError, OverloadedError, ValidationError
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.models import ModelEntry, ModelRegistry, model_id_for
+from mongarsd.supervisor import TaskSupervisor
 
 if TYPE_CHECKING:
     from mongarsd.board import BoardInfo
@@ -41,7 +42,7 @@ LOAD_WAIT_S = 120.0  # a request waits this long for a model that is loading, th
 BUDGET_FRACTION_OF_RAM = 0.6  # memory_budget_mb = 0: this share of the board's RAM
 COMPUTE_OVERHEAD_MB = 48.0  # compute buffers, batch, sampler state per loaded model (measured ~30-40 MB for SmolLM2)
 BUSY_RETRY_AFTER_S = 5.0
-PERSONA_MODEL_ID = "mongars"
+IDLE_TASK = "inference-idle"
 
 # bytes per KV element by cache type (ggml block sizes: q8_0 = 34 bytes / 32 values, ...)
 KV_BYTES_PER_ELEM: dict[str, float] = {
@@ -236,7 +237,7 @@ class InferenceManager:
 
     name = "inference"
     start_timeout_s = 180.0
-    stop_timeout_s = 30.0
+    stop_timeout_s = 6.0  # engines stop together: one thread join each (ENGINE_JOIN_TIMEOUT_S) plus freeing
 
     def __init__(
         self,
@@ -263,6 +264,7 @@ class InferenceManager:
         board: BoardInfo | None = None,
         metrics: Metrics | None = None,
         engine_factory: EngineFactory = LlamaEngine,
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         if kv_cache_type not in KV_BYTES_PER_ELEM:
             raise ValidationError("kv_cache_type must be one of " + ", ".join(KV_BYTES_PER_ELEM), param="kv_cache_type")
@@ -297,14 +299,22 @@ class InferenceManager:
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._load_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._idle_task: asyncio.Task[None] | None = None
+        self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._started = False
         self.loads_total = 0
         self.load_failures_total = 0
         self.unloads_total = 0
 
     @classmethod
-    def from_config(cls, section: Any, *, registry: ModelRegistry, board: BoardInfo | None, metrics: Metrics | None) -> InferenceManager:
+    def from_config(
+        cls,
+        section: Any,
+        *,
+        registry: ModelRegistry,
+        board: BoardInfo | None,
+        metrics: Metrics | None,
+        tasks: TaskSupervisor | None = None,
+    ) -> InferenceManager:
         """Build from the `[inference]` config section."""
         return cls(
             registry=registry,
@@ -328,6 +338,7 @@ class InferenceManager:
             preload=section.preload,
             board=board,
             metrics=metrics,
+            tasks=tasks,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -340,8 +351,7 @@ class InferenceManager:
         await asyncio.to_thread(self.registry.scan)
         if self._metrics is not None:
             self._metrics.add_source(self._metrics_source)
-        self._idle_task = asyncio.get_running_loop().create_task(self._async_idle_loop(), name="mongarsd:inference-idle")
-        self._idle_task.add_done_callback(_log_crash)
+        self._tasks.spawn(IDLE_TASK, self._async_idle_loop, restart=True, owner=self)
         if self.preload and self.default_model:
             try:
                 entry = await self.async_resolve(self.default_model)
@@ -355,16 +365,8 @@ class InferenceManager:
         if not self._started:
             return
         self._started = False
-        task, self._idle_task = self._idle_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for load in list(self._loading.values()):
-            load.cancel()
-        for load in list(self._loading.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await load
+        # the idle loop and the loads in flight (their waiters get CancelledError), then the engines
+        await self._tasks.async_stop(self.stop_timeout_s, owner=self)
         async with self._load_lock:
             models, self._models = list(self._models.values()), {}
             results = await asyncio.gather(*(m.engine.async_stop() for m in models), return_exceptions=True)
@@ -488,7 +490,8 @@ class InferenceManager:
             raise OverloadedError("inference is not running", retry_after_s=1.0, status=503)
         task = self._loading.get(entry.id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._async_load(entry), name="mongarsd:inference-load:" + entry.id)
+            # a failed load is an answer for its waiters (the engine error is logged by _async_load), not a crash
+            task = self._tasks.spawn_once("inference-load:" + entry.id, self._async_load(entry), owner=self, expected=(MongarsError,))
             self._loading[entry.id] = task
             task.add_done_callback(self._load_done)
         try:
@@ -498,13 +501,11 @@ class InferenceManager:
             raise OverloadedError("model " + entry.id + " is still loading; retry shortly", retry_after_s=5.0, status=503) from None
 
     def _load_done(self, task: asyncio.Task[LoadedModel]) -> None:
+        # the error reaches every waiter through the shield; the supervisor retrieves it, so a load
+        # that nobody waits for any more (all clients gone) does not log "exception never retrieved"
         for model_id, t in list(self._loading.items()):
             if t is task:
                 del self._loading[model_id]
-        # the error reaches every waiter through the shield; retrieve it here so a load that
-        # nobody waits for any more (all clients gone) does not log "exception never retrieved"
-        if not task.cancelled():
-            task.exception()
 
     async def _async_load(self, entry: ModelEntry) -> LoadedModel:
         async with self._load_lock:
@@ -687,8 +688,3 @@ _LLAMA_HELP = {
     "llamacpp:requests_processing": "Number of requests processing.",
     "llamacpp:requests_deferred": "Number of requests deferred.",
 }
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task_crashed", task=task.get_name(), error=repr(task.exception()))

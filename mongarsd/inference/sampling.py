@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import codecs
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mongarsd.errors import ValidationError
+from mongarsd.errors import ContextOverflowError, ValidationError
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
-MAX_GRAMMAR_CHARS = 256 * 1024
-MAX_SCHEMA_CHARS = 64 * 1024
 MAX_PENALTY_LAST_N = 4096
 MAX_SEED = 2**32 - 1
 
@@ -69,6 +66,7 @@ class GenerationParams:
     grammar: str | None = None
     json_schema: Mapping[str, Any] | None = field(default=None, hash=False)
     json_mode: bool = False
+    schema_param: str = "response_format"  # the request field the schema came from, for errors
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +75,95 @@ class GenerationParams:
     @property
     def penalties_enabled(self) -> bool:
         return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """Sampling settings as the client gave them (None: server default), in engine vocabulary.
+
+    Every surface's parser produces one (pure); `build_params` turns it into GenerationParams
+    once the prompt's length is known. It travels unchanged to the persona pipeline.
+    """
+
+    max_tokens: int | None = None  # None: max_tokens_default, capped by the room left
+    fill_context: bool = False  # Ollama num_predict -1/-2: generate until the context is full
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    json_mode: bool = False
+    json_schema: Mapping[str, Any] | None = field(default=None, hash=False)
+    schema_param: str = "response_format"
+    num_ctx: int | None = None
+
+
+def context_limit(spec: SamplingSpec, n_ctx: int) -> int:
+    """The context this request may use: num_ctx (Ollama) lowers it; above the model's it is clamped.
+
+    Home Assistant's Ollama integration sends num_ctx 8192 by default: refusing it would break
+    that client, so a larger value is read as "all of it", as Ollama does.
+    """
+    return min(n_ctx, spec.num_ctx) if spec.num_ctx else n_ctx
+
+
+def reply_reserve(spec: SamplingSpec, max_tokens_default: int) -> int:
+    """Tokens to keep free for the reply when a prompt is fitted into the context."""
+    return spec.max_tokens if spec.max_tokens is not None else max_tokens_default
+
+
+def check_fits(n_prompt: int, max_tokens: int | None, n_ctx: int) -> None:
+    """The one context check, with one message: raise ContextOverflowError naming the token counts."""
+    if n_ctx - n_prompt < 1:
+        raise ContextOverflowError(
+            "prompt has " + str(n_prompt) + " tokens but the context holds " + str(n_ctx) + " tokens; shorten the conversation",
+        )
+    if max_tokens is not None and n_prompt + max_tokens > n_ctx:
+        raise ContextOverflowError(
+            "prompt has "
+            + str(n_prompt)
+            + " tokens and max_tokens is "
+            + str(max_tokens)
+            + ": together over the context of "
+            + str(n_ctx)
+            + " tokens",
+            param="max_tokens",
+        )
+
+
+def build_params(spec: SamplingSpec, *, n_prompt: int, n_ctx: int, max_tokens_default: int) -> GenerationParams:
+    """Turn a SamplingSpec into GenerationParams once the prompt length is known (pure)."""
+    limit = context_limit(spec, n_ctx)
+    check_fits(n_prompt, spec.max_tokens, limit)
+    room = limit - n_prompt
+    if spec.max_tokens is not None:
+        max_tokens = spec.max_tokens
+    elif spec.fill_context:
+        max_tokens = room
+    else:
+        max_tokens = min(max_tokens_default, room)
+    base = GenerationParams()
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=base.temperature if spec.temperature is None else spec.temperature,
+        top_k=base.top_k if spec.top_k is None else spec.top_k,
+        top_p=base.top_p if spec.top_p is None else spec.top_p,
+        min_p=base.min_p if spec.min_p is None else spec.min_p,
+        repeat_penalty=base.repeat_penalty if spec.repeat_penalty is None else spec.repeat_penalty,
+        repeat_last_n=base.repeat_last_n if spec.repeat_last_n is None else spec.repeat_last_n,
+        presence_penalty=base.presence_penalty if spec.presence_penalty is None else spec.presence_penalty,
+        frequency_penalty=base.frequency_penalty if spec.frequency_penalty is None else spec.frequency_penalty,
+        seed=spec.seed,
+        stop=spec.stop,
+        json_schema=spec.json_schema,
+        json_mode=spec.json_mode and spec.json_schema is None,
+        schema_param=spec.schema_param,
+    )
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -125,39 +212,8 @@ def validate_params(params: GenerationParams, *, n_ctx: int) -> None:
     chosen = sum((params.grammar is not None, params.json_schema is not None, params.json_mode))
     if chosen > 1:
         raise ValidationError("use only one of grammar, json_schema and json mode", param="response_format")
-    if params.grammar is not None and (not isinstance(params.grammar, str) or len(params.grammar) > MAX_GRAMMAR_CHARS):
-        raise ValidationError(
-            "grammar must be a GBNF string of at most " + str(MAX_GRAMMAR_CHARS) + " chars",
-            param="grammar",
-        )
-
-
-def json_schema_grammar(schema: Mapping[str, Any]) -> str:
-    """Convert a JSON Schema to GBNF with llama-cpp-python's converter (pure CPU)."""
-    try:
-        text = json.dumps(schema)
-    except (TypeError, ValueError) as err:
-        raise ValidationError("json_schema is not JSON: " + str(err), param="response_format") from err
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise ValidationError("json_schema is too large", param="response_format")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # heavy import, only when used
-
-    try:
-        return str(json_schema_to_gbnf(text))
-    # the converter is third-party code fed with client input: these are the ways it fails
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError, RecursionError, AssertionError) as err:
-        raise ValidationError("unsupported json_schema: " + str(err)[:200], param="response_format") from err
-
-
-def grammar_for(params: GenerationParams) -> str | None:
-    """Return the GBNF text the request asks for, if any."""
-    if params.grammar is not None:
-        return params.grammar
-    if params.json_schema is not None:
-        return json_schema_grammar(params.json_schema)
-    if params.json_mode:
-        return JSON_GBNF
-    return None
+    if params.grammar is not None and not isinstance(params.grammar, str):
+        raise ValidationError("grammar must be a GBNF string", param="grammar")
 
 
 class StopMatcher:

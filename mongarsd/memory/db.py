@@ -15,8 +15,19 @@ import structlog
 
 from mongarsd.errors import MongarsError, StoreError
 from mongarsd.memory.migrations import migrate
+from mongarsd.supervisor import TaskSupervisor
 
 log = structlog.get_logger("mongarsd.memory.db")
+
+# SQLite result codes after which the same write can succeed later (sqlite3.h)
+TRANSIENT_SQLITE_CODES = frozenset({5, 6, 13})  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL
+
+
+def is_transient(err: sqlite3.Error) -> bool:
+    """Tell whether retrying a failed statement later can succeed (disk full, busy, locked)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in TRANSIENT_SQLITE_CODES
+
 
 T = TypeVar("T")
 WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
@@ -70,11 +81,14 @@ class Database:
 
     name = "store"
     start_timeout_s = 3600.0  # migrations may take long on an SD card; never cut them short
-    stop_timeout_s = 10.0
+    stop_timeout_s = 3.0  # the queue is drained by then: the HTTP drain ran first
 
-    def __init__(self, *, path: Path, migrations: list[str] | None = None) -> None:
+    def __init__(self, *, path: Path, migrations: list[str] | None = None, tasks: TaskSupervisor | None = None) -> None:
         self.path = path
         self._migrations = migrations
+        # The writer is fatal: if it dies, every later write would wait forever, so the daemon
+        # stops (non-zero) and systemd restarts it. Tools and tests without a daemon own theirs.
+        self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -89,7 +103,7 @@ class Database:
         self._reader = await self._open()
         await self._reader.execute("PRAGMA query_only=ON")
         self._queue = asyncio.Queue(WRITE_QUEUE_MAX)
-        self._task = asyncio.get_running_loop().create_task(self._async_writer_loop(), name="mongarsd:store-writer")
+        self._task = self._tasks.spawn("store-writer", self._async_writer_loop, restart=False, fatal=True)
 
     async def _open(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -100,9 +114,9 @@ class Database:
 
     async def async_stop(self) -> None:
         if self._task is not None:
-            # Let queued writes finish: nothing acknowledged may be lost.
-            assert self._queue is not None
-            await self._queue.join()
+            # Let queued writes finish: nothing acknowledged may be lost (unless the writer died).
+            if self._queue is not None and not self._task.done():
+                await self._queue.join()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -118,7 +132,7 @@ class Database:
     async def async_write(self, op: WriteOp) -> Any:
         """Run `op` inside a write transaction; return once it is durably committed."""
         if self._queue is None:
-            raise StoreError("the store is not running")
+            raise StoreError("the store is not running", transient=True)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(op, fut))
         return await fut
@@ -135,7 +149,7 @@ class Database:
 
     async def async_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         if self._reader is None:
-            raise StoreError("the store is not running")
+            raise StoreError("the store is not running", transient=True)
         try:
             async with self._reader.execute(sql, params) as cur:
                 return list(await cur.fetchall())
@@ -147,8 +161,23 @@ class Database:
         return rows[0] if rows else None
 
     async def _async_writer_loop(self) -> None:
-        assert self._queue is not None and self._writer is not None
         queue, conn = self._queue, self._writer
+        if queue is None or conn is None:
+            raise StoreError("the store writer started before the store opened")
+        try:
+            await self._async_write_forever(queue, conn)
+        except BaseException as err:
+            # Nothing may wait on a dead writer: refuse new writes, fail the queued ones.
+            self._queue = None
+            reason = "the store is stopping" if isinstance(err, asyncio.CancelledError) else f"the store writer failed: {err}"
+            while not queue.empty():
+                item = queue.get_nowait()
+                queue.task_done()
+                if not item.future.done():
+                    item.future.set_exception(StoreError(reason, transient=True))
+            raise
+
+    async def _async_write_forever(self, queue: asyncio.Queue[_Pending], conn: aiosqlite.Connection) -> None:
         while True:
             batch = [await queue.get()]
             while len(batch) < WRITE_BATCH_MAX and not queue.empty():
@@ -185,7 +214,7 @@ class Database:
                 pass  # no transaction left to roll back
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(StoreError(f"write failed: {err}"))
+                    item.future.set_exception(StoreError(f"write failed: {err}", transient=is_transient(err)))
             return
         self.transactions += 1
         for item, value, error in results:

@@ -248,7 +248,7 @@ class Hippocampus:
 
     name = "hippocampus"
     start_timeout_s = 300.0  # loading vectors of a large store from an SD card
-    stop_timeout_s = 5.0
+    stop_timeout_s = 1.0
 
     def __init__(
         self,
@@ -324,7 +324,7 @@ class Hippocampus:
     async def async_embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed texts or raise EmbedderUnavailableError (never a made-up vector)."""
         if self._embedder is None:
-            raise EmbedderUnavailableError("no embedding model is configured")
+            raise EmbedderUnavailableError("no embedding model is configured", transient=False)
         vecs = np.asarray(await self._embedder.async_embed(list(texts)), dtype=np.float32)
         if vecs.shape != (len(texts), self.dim) or not np.all(np.isfinite(vecs)):
             raise EmbedderUnavailableError(f"the embedder returned vectors of shape {vecs.shape}, expected ({len(texts)}, {self.dim})")

@@ -6,12 +6,16 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
+import structlog
 
 from mongarsd.errors import NotFoundError, ValidationError
 from mongarsd.memory.db import Database
+from mongarsd.sanitize import bounded_int, clean_value
+
+log = structlog.get_logger("mongarsd.memory.profiles")
 
 MAX_COMMENT_CHARS = 2000
 
@@ -29,10 +33,17 @@ class ProfileRow:
 
 def _loads(raw: Any) -> JsonDict:
     try:
-        value = json.loads(raw) if isinstance(raw, str) else {}
-    except json.JSONDecodeError:
+        value = json.loads(raw, parse_int=bounded_int) if isinstance(raw, str) else {}
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        log.warning("profile_row_unreadable")
         return {}  # a damaged row falls back to defaults rather than breaking every turn
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    cleaned, changed = clean_value(value)
+    if changed:
+        # written by an older version: answer it repaired; the next update stores the repaired form
+        log.warning("profile_row_repaired", reason="lone surrogates replaced with U+FFFD")
+    return cast(JsonDict, cleaned)
 
 
 class ProfileStore:

@@ -32,7 +32,7 @@ APPLY_HINT = "# a running daemon applies this within a few seconds; do the same 
 
 
 def _keyring_path(args: argparse.Namespace) -> Path:
-    from mongarsd.cli import load_from_args
+    from mongarsd.cli_common import load_from_args
     from mongarsd.mesh.service import keyring_path
 
     loaded, _ = load_from_args(args)
@@ -119,7 +119,7 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     """Call the daemon's API (blocking) and return (status, decoded JSON)."""
     base = args.url
     if not base:
-        from mongarsd.cli import load_from_args
+        from mongarsd.cli_common import load_from_args
 
         loaded, _ = load_from_args(args)
         base = f"http://127.0.0.1:{loaded.config.server.port}"
@@ -233,12 +233,12 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run only the keys/peers commands (`python -m mongarsd.mesh.cli`), e.g. before they are wired."""
-    from mongarsd.cli import _add_config_args
+    from mongarsd.cli_common import add_config_args
 
     parser = argparse.ArgumentParser(prog="mongarsd")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    register(sub, _add_config_args)
+    register(sub, add_config_args)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

@@ -32,9 +32,19 @@ MAX_CLUSTER_LABEL_BYTES: Final = 64
 MAX_INCARNATION: Final = 2**63 - 1
 MAX_SEQ: Final = 2**32 - 1
 
-# Replay protection: nonces carry the sender's wall-clock milliseconds.
-MAX_CLOCK_SKEW_S: Final = 300.0
+# Replay protection. A nonce carries the sender's wall clock (ms, informative only since issue 9)
+# and a stamp: a per-process sender session and a strictly increasing position on the sender's
+# own monotonic clock (us). Receivers keep a high-water mark per sender session, so wall clocks
+# need not agree; see security.SenderWindow for the invariant.
+MAX_CLOCK_SKEW_S: Final = 300.0  # legacy (unstamped) nonces: wall-clock bound; above it we log skew
+REPLAY_WINDOW_S: Final = 300.0  # a packet this far behind its sender's newest, on the sender's clock, is stale
 REPLAY_CACHE_MAX_ENTRIES: Final = 65536
+REPLAY_MAX_SENDERS: Final = 16384  # sender sessions remembered (LRU); ~100 bytes each
+NONCE_STAMP_MARKER: Final = b"mg"  # tells a stamped nonce from an old random one (2**-16 false match)
+NONCE_SESSION_BYTES: Final = 8
+NONCE_POSITION_BYTES: Final = 6  # 2**48 us = 8.9 years; the session rotates before it wraps
+CLOCK_SKEW_LOG_INTERVAL_S: Final = 600.0
+TIMESYNC_MARKER_PATH: Final = "/run/systemd/timesync/synchronized"
 
 # Hostile-network logging: one log line per (reason, peer) per interval, bounded keys.
 BAD_PACKET_LOG_INTERVAL_S: Final = 60.0

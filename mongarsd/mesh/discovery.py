@@ -40,6 +40,7 @@ from mongarsd.mesh.interfaces import (
     zeroconf_interfaces,
 )
 from mongarsd.mesh.wire import Addr, NodeId
+from mongarsd.supervisor import TaskSupervisor
 
 log = structlog.get_logger("mongarsd.mesh.discovery")
 
@@ -296,6 +297,7 @@ class Discovery:
         ip_mode: IpMode = "v4",
         advertise_addresses: Sequence[str] | None = None,
         mdns: bool = True,
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         if not NODE_ID_RE.fullmatch(node_id):
             raise ConfigError(f"mesh discovery: node id {node_id!r} is not a valid DNS label")
@@ -320,7 +322,7 @@ class Discovery:
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._resolving: set[str] = set()
         self._peers: dict[str, tuple[NodeId, tuple[str, ...], ServiceProps]] = {}
         self._seed_addrs: tuple[Addr, ...] = ()
@@ -353,7 +355,7 @@ class Discovery:
             if self._mdns:
                 await self._async_start_mdns()
             if self._seeds and self._on_seed is not None:
-                self._spawn(self._async_seed_loop(), "discovery-seeds")
+                self._tasks.spawn(f"discovery-seeds-{self._node_id}", self._async_seed_loop, restart=True, owner=self)
         except BaseException:
             await self.async_stop()
             raise
@@ -376,11 +378,7 @@ class Discovery:
         aiozc, self._aiozc = self._aiozc, None
         if browser is not None:
             await browser.async_cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.async_stop(self.stop_timeout_s, owner=self)
         if aiozc is not None:
             try:
                 await aiozc.async_unregister_all_services()
@@ -473,7 +471,7 @@ class Discovery:
             self._reject(name, "too_many_peers")
             return
         self._resolving.add(name)
-        self._spawn(self._async_resolve(name, node_id), "discovery-resolve")
+        self._tasks.spawn_once("discovery-resolve", self._async_resolve(name, node_id), owner=self)
 
     async def _async_resolve(self, name: str, node_id: str) -> None:
         try:
@@ -536,20 +534,7 @@ class Discovery:
                     self._call(self._on_seed, addr)
             await asyncio.sleep(SEED_REFRESH_INTERVAL_S)
 
-    # -- task hygiene -----------------------------------------------------------------------
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        err = task.exception()
-        if err is not None:
-            log.error("mesh_discovery_task_crashed", task=task.get_name(), error=repr(err), exc_info=err)
+    # -- callbacks --------------------------------------------------------------------------
 
     def _call(self, callback: Callable[..., None] | None, *args: Any) -> None:
         if callback is None:

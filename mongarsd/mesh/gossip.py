@@ -1,6 +1,6 @@
 """GossipNode: the thin async loops around the pure SWIM/Lifeguard decisions.
 
-Loops (all named tasks owned by the node, cancelled on stop):
+Loops (named supervised tasks owned by the node, restarted with backoff if they crash, cancelled on stop):
 - probe: one member per (awareness-scaled) interval, direct ping, then k indirect pings with
   nacks; silence -> Suspect (SWIM §4, Lifeguard LHM);
 - gossip: piggybacked broadcasts to a few random members every gossip interval;
@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -43,7 +43,7 @@ from mongarsd.mesh.membership import (
     reapable,
     retransmit_limit,
 )
-from mongarsd.mesh.security import Cipher, DropError, DropLog
+from mongarsd.mesh.security import Cipher, DropError, DropLog, log_clock_sync_state
 from mongarsd.mesh.state import decode_state, encode_state
 from mongarsd.mesh.suspicion import Suspicion, expected_confirmations, suspicion_bounds
 from mongarsd.mesh.transport import Stream, Transport
@@ -69,8 +69,12 @@ from mongarsd.mesh.wire import (
     encode_compound,
     encode_message,
 )
+from mongarsd.supervisor import TaskSupervisor
 
 log = structlog.get_logger("mongarsd.mesh.gossip")
+
+INDIRECT_TASK: Final = "mesh-indirect"  # one-shot helpers; names repeat
+RECONNECT_TASK: Final = "mesh-reconnect"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +269,7 @@ class GossipNode:
         state: Mapping[str, Any] | None = None,
         revoked: Iterable[str] = (),
         rng: random.Random | None = None,
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         self.identity = identity
         self.keyring = keyring
@@ -286,8 +291,8 @@ class GossipNode:
         self._seq = self._rng.randrange(const.MAX_SEQ)
         self._incarnation = 0
         self._subscribers: list[asyncio.Queue[MemberEvent]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._helpers: set[asyncio.Task[None]] = set()
+        # Loops restart with backoff if they crash: a node whose probe loop died must not look healthy.
+        self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._running = False
         self._leaving = False
         self._counters = _Counters()
@@ -319,14 +324,15 @@ class GossipNode:
         self._set_local_record()
         # Pin our own key so a replayed leave of ours from a past life is verified, then refuted.
         self._verifier.check_record(self._members[self.node_id].record)
-        for name, coro in (
-            ("probe", self._async_probe_loop()),
-            ("gossip", self._async_gossip_loop()),
-            ("push-pull", self._async_push_pull_loop()),
-            ("timers", self._async_timer_loop()),
+        for name, loop in (
+            ("probe", self._async_probe_loop),
+            ("gossip", self._async_gossip_loop),
+            ("push-pull", self._async_push_pull_loop),
+            ("timers", self._async_timer_loop),
         ):
-            self._spawn(self._tasks, coro, f"mesh-{name}-{self.node_id}")
+            self._tasks.spawn(f"mesh-{name}-{self.node_id}", loop, restart=True, owner=self)
         log.info("mesh_started", node=self.node_id, addr=f"{self.addr[0]}:{self.addr[1]}")
+        log_clock_sync_state()  # issue 9: tolerated by peers, but say so
 
     async def async_stop(self) -> None:
         """Leave gracefully (signed LEAVE, gossiped for a moment), then stop; idempotent."""
@@ -423,24 +429,9 @@ class GossipNode:
 
     # --- lifecycle helpers -------------------------------------------------------------------
 
-    def _spawn(self, owner: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        owner.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            owner.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("mesh_task_crashed", task=t.get_name(), error=repr(t.exception()))
-
-        task.add_done_callback(done)
-
     async def _async_shutdown(self) -> None:
         self._running = False
-        tasks = list(self._tasks) + list(self._helpers)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.async_stop(self.stop_timeout_s, owner=self)
         for waiter in self._acks.values():
             waiter.future.cancel()
         self._acks.clear()
@@ -520,7 +511,7 @@ class GossipNode:
         self._counters.packets_received += 1
         self._counters.bytes_received += len(data)
         try:
-            plaintext = self._cipher.open(data)
+            plaintext = self._cipher.open(data, peer=f"{addr[0]}:{addr[1]}")
             msgs = decode_messages(plaintext)
         except DropError as err:
             self._drops.record(err.reason, f"{addr[0]}:{addr[1]}", str(err))
@@ -552,9 +543,9 @@ class GossipNode:
             if nwaiter is not None:
                 nwaiter.nacks += 1
         elif isinstance(msg, IndirectPing):
-            if len(self._helpers) >= const.MAX_PENDING_INDIRECT:
+            if self._tasks.count(INDIRECT_TASK, owner=self) >= const.MAX_PENDING_INDIRECT:
                 raise DropError("queue_full", "too many indirect probes")
-            self._spawn(self._helpers, self._async_indirect(msg, addr), "mesh-indirect")
+            self._tasks.spawn_once(INDIRECT_TASK, self._async_indirect(msg, addr), owner=self)
         elif isinstance(msg, Alive):
             self._apply_alive(msg.record)
         elif isinstance(msg, Suspect):
@@ -887,10 +878,10 @@ class GossipNode:
             failed = [m for m in self._members.values() if m.state is MemberState.DEAD]
             if failed:
                 target = self._rng.choice(failed)
-                self._spawn(self._helpers, self._async_reconnect(target.addr), "mesh-reconnect")
+                self._tasks.spawn_once(RECONNECT_TASK, self._async_reconnect(target.addr), owner=self)
 
     def _helpers_busy(self) -> bool:
-        return any(t.get_name() == "mesh-reconnect" for t in self._helpers)
+        return self._tasks.count(RECONNECT_TASK, owner=self) > 0
 
     async def _async_reconnect(self, addr: Addr) -> None:
         # Serf-style: a failed member may be back after a partition heals.

@@ -21,8 +21,8 @@ from nacl.hash import blake2b
 from nacl.signing import SigningKey, VerifyKey
 
 from mongarsd.errors import MeshError
+from mongarsd.fsutil import atomic_write_private
 from mongarsd.mesh import const
-from mongarsd.mesh.keyring import atomic_write_private
 from mongarsd.mesh.wire import Addr, NodeId, NodeRecord
 
 log = structlog.get_logger("mongarsd.mesh.identity")

@@ -11,15 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from nacl.encoding import RawEncoder
 from nacl.hash import blake2b
 
 from mongarsd.errors import MeshError
+from mongarsd.fsutil import atomic_write_private
 from mongarsd.mesh import const
 
 
@@ -57,27 +56,6 @@ def _check(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != const.KEY_BYTES:
         raise KeyringError(f"key must be {const.KEY_BYTES} bytes")
     return key
-
-
-def atomic_write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically with mode 0600 (blocking; run in a thread)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Keyring:

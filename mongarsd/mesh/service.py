@@ -15,7 +15,7 @@ import ipaddress
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 
 from mongarsd import __version__
-from mongarsd.api.auth import PRINCIPAL, Principal
+from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import ConfigError, MeshError, WireError
 from mongarsd.mesh import const
 from mongarsd.mesh.breaker import BreakerBoard, BreakerState
@@ -48,6 +48,8 @@ from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_stat
 from mongarsd.mesh.state import encode_state
 from mongarsd.mesh.transport import UdpTcpTransport, free_port
 from mongarsd.mesh.wire import Addr
+from mongarsd.principal import PRINCIPAL, Principal
+from mongarsd.supervisor import TaskSupervisor
 
 if TYPE_CHECKING:
     from mongarsd.mesh.discovery import Discovery, ServiceProps
@@ -67,7 +69,6 @@ INBOX_MAX: Final = 64
 MAX_JOIN_TASKS: Final = 32
 MAX_MODEL_IDS: Final = 16
 THROTTLE_FALLBACK_C: Final = 80.0
-PERSONA_MODEL_ID: Final = "mongars"  # runs the caller's memory pipeline: never leaves this node
 REQ_HOPS: Final = web.RequestKey("mongarsd_mesh_hops", int)
 REQ_SENDER: Final = web.RequestKey("mongarsd_mesh_sender", str)
 ALIVE_STATES: Final = frozenset({"alive", "suspect"})
@@ -194,7 +195,7 @@ class MeshService:
 
     name = "mesh"
     start_timeout_s = 30.0
-    stop_timeout_s = 15.0
+    stop_timeout_s = 4.0  # leave broadcast + sockets; part of the daemon stop budget (const.STOP_TIMEOUT_S)
 
     def __init__(
         self,
@@ -207,6 +208,7 @@ class MeshService:
         machine_id_path: Path = Path(const.MACHINE_ID_PATH),
         api_port: int | None = None,
         version: str = __version__,
+        tasks: TaskSupervisor | None = None,
     ) -> None:
         self._cfg = config
         self._mcfg = config.mesh
@@ -226,7 +228,8 @@ class MeshService:
         self._verifier: RequestVerifier | None = None
         self.breakers = BreakerBoard()
         self._local = _LocalStats(llm, int(getattr(config.inference, "slots", 4)))
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Shared with the gossip node and discovery we build; each cancels only its own tasks on stop.
+        self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._pending: Counter[str] = Counter()
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
         self.counters: Counter[str] = Counter()
@@ -275,12 +278,7 @@ class MeshService:
         self._started = False
         if self._metrics is not None:
             self._metrics.remove_source(self._metrics_source)
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.async_stop(self.stop_timeout_s, owner=self)
         await self._async_stop_protocols()
         if self._session is not None:
             session, self._session = self._session, None
@@ -542,6 +540,7 @@ class MeshService:
             timing=timing,
             advertise_addr=(advertise_ip, port),
             state=state,
+            tasks=self._tasks,
         )
         self._last_state = state
         await self.gossip.async_start()
@@ -570,12 +569,17 @@ class MeshService:
                 on_seed=self._on_seed,
                 advertise_addresses=[advertise_ip] if mcfg.advertise_host else None,
                 mdns=bool(mcfg.mdns),
+                tasks=self._tasks,
             )
             await self.discovery.async_start()
-        self._spawn(self._async_keyring_watch_loop(keyring_path(self._state_dir)), "mesh-keyring-watch")
-        self._spawn(self._async_publish_loop(), "mesh-publish")
-        self._spawn(self._async_event_loop(gossip), "mesh-events")
-        self._spawn(self._async_static_loop(), "mesh-static-peers")
+        keyring_file = keyring_path(self._state_dir)
+        for name, loop in (
+            ("mesh-keyring-watch", lambda: self._async_keyring_watch_loop(keyring_file)),
+            ("mesh-publish", self._async_publish_loop),
+            ("mesh-events", lambda: self._async_event_loop(gossip)),
+            ("mesh-static-peers", self._async_static_loop),
+        ):
+            self._tasks.spawn(name, loop, restart=True, owner=self)
         if self._metrics is not None:
             self._metrics.add_source(self._metrics_source)
         log.info(
@@ -613,17 +617,6 @@ class MeshService:
                 log.warning("mesh_discovery_stop_failed", error=str(err))
         if self.gossip is not None:
             await self.gossip.async_stop()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("mesh_task_crashed", task=t.get_name(), error=repr(t.exception()))
-
-        task.add_done_callback(done)
 
     def _public_key_of(self, node_id: str) -> bytes | None:
         m = self.gossip.member(node_id) if self.gossip is not None else None
@@ -754,9 +747,9 @@ class MeshService:
         self._spawn_join([addr], f"mesh-join-seed-{addr[0]}:{addr[1]}")
 
     def _spawn_join(self, addrs: list[Addr], name: str) -> None:
-        if not self.running or len(self._tasks) >= MAX_JOIN_TASKS:
+        if not self.running or self._tasks.count(owner=self) >= MAX_JOIN_TASKS:
             return
-        self._spawn(self._async_join_first(addrs), name)
+        self._tasks.spawn_once(name, self._async_join_first(addrs), owner=self)
 
     async def _async_join_first(self, addrs: list[Addr]) -> None:
         """Join through the first address that answers (addresses are ranked by discovery)."""

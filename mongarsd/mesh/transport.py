@@ -22,6 +22,7 @@ from mongarsd.errors import MeshError
 from mongarsd.mesh import const
 from mongarsd.mesh.security import DropError
 from mongarsd.mesh.wire import Addr
+from mongarsd.supervisor import TaskSupervisor
 
 log = structlog.get_logger("mongarsd.mesh.transport")
 
@@ -382,7 +383,7 @@ class InMemoryTransport:
         self._addr = addr
         self._on_packet: PacketHandler | None = None
         self._on_stream: StreamHandler | None = None
-        self._streams = _StreamTasks(const.MAX_CONCURRENT_STREAMS)
+        self._streams = TaskSupervisor()  # one-shot tasks serving inbound streams, at most MAX_CONCURRENT_STREAMS
         self._running = False
 
     @property
@@ -402,7 +403,7 @@ class InMemoryTransport:
             return
         self._running = False
         self._network._unregister(self)
-        await self._streams.async_cancel_all()
+        await self._streams.async_stop()
 
     def send_packet(self, addr: Addr, data: bytes) -> None:
         if self._running:
@@ -416,7 +417,7 @@ class InMemoryTransport:
 
     def _accept(self, stream: _MemStream) -> None:
         handler = self._on_stream
-        if not self._running or handler is None or self._streams.full():
+        if not self._running or handler is None or self._streams.count() >= const.MAX_CONCURRENT_STREAMS:
             stream._closed = True
             stream._outbox.put_nowait(None)
             return
@@ -427,7 +428,7 @@ class InMemoryTransport:
             finally:
                 await stream.async_close()
 
-        self._streams.add(asyncio.get_running_loop().create_task(serve(), name="mesh-mem-stream"))
+        self._streams.spawn_once("mesh-mem-stream", serve())
 
     async def async_open_stream(self, addr: Addr) -> Stream:
         if not self._running:

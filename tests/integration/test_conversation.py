@@ -21,6 +21,7 @@ from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ConversationPipel
 from mongarsd.config import AuthConfig, Config, LoadedConfig
 from mongarsd.inference.embed import Embedder
 from mongarsd.inference.llm import LlamaEngine
+from mongarsd.inference.sampling import SamplingSpec
 from mongarsd.memory.db import Database
 from mongarsd.memory.hippocampus import Hippocampus
 from mongarsd.memory.tokens import TokenStore
@@ -36,6 +37,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
 ]
 GEN = {"max_tokens": 24, "temperature": 0.0, "seed": 1}
+SPEC = SamplingSpec(max_tokens=24, temperature=0.0, seed=1)
 
 
 @dataclass
@@ -163,7 +165,7 @@ async def test_streaming_ndjson_ends_with_durable_result(stack: Stack) -> None:
 
 
 async def test_pipeline_stream_api_and_persona_messages(stack: Stack) -> None:
-    items = [x async for x in await stack.pipeline.async_chat("carol", "Tell me a colour.", "p1", stream=True, **GEN)]
+    items = [x async for x in await stack.pipeline.async_chat("carol", "Tell me a colour.", "p1", stream=True, spec=SPEC)]
     assert isinstance(items[-1], ChatResult) and all(isinstance(x, ChatChunk) for x in items[:-1])
     assert set(items[-1].timings_ms) >= {"history", "recall", "profile", "prompt", "first_token", "generate", "persist", "total"}
     events = [
@@ -179,7 +181,7 @@ async def test_pipeline_stream_api_and_persona_messages(stack: Stack) -> None:
 
 async def test_research_context_is_never_stored_as_the_users_words(stack: Stack) -> None:
     result = await stack.pipeline.async_chat(
-        "dave", "Who painted the Mona Lisa?", "r1", context=["RESEARCH: Leonardo da Vinci painted it."], **GEN
+        "dave", "Who painted the Mona Lisa?", "r1", context=["RESEARCH: Leonardo da Vinci painted it."], spec=SPEC
     )
     hist = await stack.hippocampus.async_history("dave")
     assert hist[0].content == "Who painted the Mona Lisa?"
@@ -226,7 +228,6 @@ HOSTILE: list[tuple[str, str, Any, bytes | None, int, str | None]] = [
     ("POST", "/api/v1/conversation/chat", {}, None, 400, "message"),
     ("POST", "/api/v1/conversation/chat", {"message": "x" * 40000}, None, 413, "message"),
     ("POST", "/api/v1/conversation/chat", None, b'{"message": "caf\xff"}', 400, "body"),
-    ("POST", "/api/v1/conversation/chat", None, b'{"message": "\\ud800 lone surrogate"}', 400, "message"),
     ("POST", "/api/v1/conversation/chat", None, b"[1, 2]", 400, "body"),
     ("POST", "/api/v1/conversation/chat", None, b'{"message": "hi",', 400, "body"),
     ("POST", "/api/v1/conversation/chat", {"message": "hi", "session_id": "../../etc"}, None, 400, "session_id"),

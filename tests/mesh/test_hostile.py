@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from mongarsd import supervisor
 from mongarsd.mesh.gossip import LOCAL, GossipNode
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.keyring import Keyring, generate_key
@@ -95,3 +96,28 @@ async def test_stopped_cluster_leaves_no_tasks() -> None:
     await asyncio.sleep(0)
     leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert leftover == []
+
+
+async def test_a_crashed_probe_loop_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "TASK_RESTART_BACKOFF_MIN_S", 0.01)
+    cluster = await start_cluster(3, seed=34)
+    try:
+        await wait_until(cluster.converged, timeout_s=5.0)
+        victim = cluster.nodes[0]
+        probe_round = victim._async_probe_round
+        crashes = 0
+
+        async def crash_twice(deadline: float) -> None:
+            nonlocal crashes
+            if crashes < 2:
+                crashes += 1
+                raise RuntimeError("probe bug")
+            await probe_round(deadline)
+
+        monkeypatch.setattr(victim, "_async_probe_round", crash_twice)
+        probes = victim.metrics()["probes"]
+        # a node whose probe loop died would stop probing while still looking healthy
+        await wait_until(lambda: crashes == 2 and victim.metrics()["probes"] >= probes + 3, timeout_s=5.0)
+        assert victim._tasks.restarts == {f"mesh-probe-{victim.node_id}": 2}
+    finally:
+        await cluster.stop()

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import structlog
 from aiohttp import web
 
 from mongarsd.api import peers as peer_routes
@@ -27,10 +28,11 @@ from mongarsd.config import Config, LoadedConfig, MeshConfig, ServerConfig
 from mongarsd.errors import AuthError, ConfigError, ValidationError
 from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
-from mongarsd.mesh.forward import H_SERVED_BY, ReplayCache, RequestVerifier, sign_headers
+from mongarsd.mesh.forward import H_SERVED_BY, ReplayCache, RequestVerifier, make_nonce, sign_headers
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.keyring import Keyring, generate_key, key_id
 from mongarsd.mesh.peers import normalize_peer_url
+from mongarsd.mesh.security import SenderWindow
 from mongarsd.mesh.service import REQ_HOPS, REQ_SENDER, MeshService, keyring_path
 from mongarsd.mesh.transport import free_port
 from mongarsd.metrics import Metrics
@@ -127,13 +129,54 @@ def test_signed_request_verifies_once() -> None:
     assert k.verifier.rejected == {"replay": 1}
 
 
-def test_stale_and_future_timestamps_are_refused() -> None:
-    k = Keys()
-    old = k.sign(now_s=k.now - 31)
-    future = k.sign(now_s=k.now + 31)
+def test_stale_and_future_timestamps_are_refused_for_unstamped_nonces() -> None:
+    k = Keys()  # an older sender: random nonces, so only the wall clock vouches for freshness
+    old = k.sign(now_s=k.now - 31, nonce="a" * 32)
+    future = k.sign(now_s=k.now + 31, nonce="b" * 32)
     for h in (old, future):
         with pytest.raises(AuthError, match="window"):
             k.verify(h)
+    assert k.verify(k.sign(now_s=k.now + 29, nonce="c" * 32)).user == "alice"
+
+
+@pytest.mark.parametrize("skew_s", [-3 * 86400.0, -31.0, 31.0, 2 * 86400.0])
+def test_forward_from_a_skewed_clock_is_accepted_once_and_logged(skew_s: float) -> None:
+    k = Keys()  # issue 9: the sender's wall clock is days (or seconds) off ours
+    headers = k.sign(now_s=k.now + skew_s)
+    with structlog.testing.capture_logs() as logs:
+        assert k.verify(headers).user == "alice"
+        k.verify(k.sign(now_s=k.now + skew_s))
+    skews = [e for e in logs if e["event"] == "mesh_peer_clock_skew"]
+    assert len(skews) == 1 and skews[0]["peer"] == k.sender.node_id and skews[0]["skew_s"] == skew_s  # rate-limited
+    with pytest.raises(AuthError, match="replayed"):
+        k.verify(headers)
+    assert k.verifier.rejected == {"replay": 1}
+
+
+def test_stamped_forward_replayed_after_its_window_or_eviction_is_refused() -> None:
+    k = Keys()
+    k.verifier = RequestVerifier(
+        local_node_id=k.target.node_id,
+        public_key_of=k.known.get,
+        clock=lambda: k.now,
+        senders=SenderWindow(window_s=30.0, max_entries=4),
+    )
+    session = bytes(5)
+    skewed = k.now - 5 * 86400  # nobody's wall clock matters below
+    first = k.sign(now_s=skewed, nonce=make_nonce(session=session, position_us=1_000_000))
+    held = k.sign(now_s=skewed, nonce=make_nonce(session=session, position_us=2_000_000))  # never delivered
+    k.verify(first)
+    for i in range(10):  # the sender moves on: more than the window, more than the cache holds
+        k.verify(k.sign(now_s=skewed, nonce=make_nonce(session=session, position_us=40_000_000 + i)))
+    for h in (first, held):
+        with pytest.raises(AuthError, match="replay window"):
+            k.verify(h)
+    recent = k.sign(now_s=skewed, nonce=make_nonce(session=session, position_us=41_000_000))
+    k.verify(recent)
+    with pytest.raises(AuthError, match=r"replayed|replay window"):
+        k.verify(recent)
+    # Another boot of the same node is another timeline, trusted on first use.
+    assert k.verify(k.sign(now_s=skewed, nonce=make_nonce(session=b"\x01" * 5, position_us=5))).user == "alice"
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,11 @@ from mongarsd.api.openai import (
     parse_embed_input,
     parse_response_format,
 )
-from mongarsd.api.streaming import SamplingSpec, build_params, check_prompt_chars, normalize_messages, parse_stop
+from mongarsd.api.streaming import check_prompt_chars, normalize_messages, parse_stop
 from mongarsd.errors import ContextOverflowError, ValidationError
 from mongarsd.inference.gguf import GGUFInfo
 from mongarsd.inference.manager import Resident, effective_budget_mb, estimate_model_mb, kv_bytes_per_cell, parse_keep_alive, plan_evictions
+from mongarsd.inference.sampling import SamplingSpec, build_params
 
 MSG = [{"role": "user", "content": "hi"}]
 

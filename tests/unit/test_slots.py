@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from mongarsd.errors import ValidationError
 from mongarsd.inference.chat_template import ChatTemplate
+from mongarsd.inference.grammar import GrammarCompiler
 from mongarsd.inference.llm import (
     MAX_RETRY_AFTER_S,
     MIN_RETRY_AFTER_S,
@@ -22,7 +23,6 @@ from mongarsd.inference.sampling import (
     GenerationParams,
     StopMatcher,
     Utf8Stream,
-    grammar_for,
     partial_stop_len,
     validate_params,
 )
@@ -157,22 +157,24 @@ def test_validate_params_names_the_field(params: GenerationParams, param: str) -
     assert info.value.param == param
 
 
-def test_validate_params_accepts_defaults_and_grammar_selection() -> None:
+async def test_validate_params_accepts_defaults_and_grammar_selection() -> None:
     validate_params(GenerationParams(), n_ctx=2048)
-    assert grammar_for(GenerationParams()) is None
-    assert grammar_for(GenerationParams(json_mode=True)) == JSON_GBNF
-    assert grammar_for(GenerationParams(grammar='root ::= "x"')) == 'root ::= "x"'
+    grammars = GrammarCompiler()
+    assert await grammars.async_grammar_for(GenerationParams()) is None
+    assert await grammars.async_grammar_for(GenerationParams(json_mode=True)) == JSON_GBNF
+    assert await grammars.async_grammar_for(GenerationParams(grammar='root ::= "x"')) == 'root ::= "x"'
     assert GenerationParams(temperature=0).greedy
     assert not GenerationParams().penalties_enabled
     assert GenerationParams(repeat_penalty=1.1).penalties_enabled
 
 
-def test_json_schema_grammar_and_bad_schema() -> None:
+async def test_json_schema_grammar_and_bad_schema() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    text = grammar_for(GenerationParams(json_schema=schema))
+    grammars = GrammarCompiler()
+    text = await grammars.async_grammar_for(GenerationParams(json_schema=schema))
     assert text is not None and "root" in text
     with pytest.raises(ValidationError) as info:
-        grammar_for(GenerationParams(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
+        await grammars.async_grammar_for(GenerationParams(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
     assert info.value.param == "response_format"
 
 

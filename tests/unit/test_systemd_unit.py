@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,13 +99,24 @@ def test_hardening_keys(service: dict[str, list[str]]) -> None:
     assert "ProcSubset" not in service
 
 
-def test_stop_timeout_covers_every_profile_drain(service: dict[str, list[str]]) -> None:
+def test_stop_budgets_add_up_under_the_unit_timeout(service: dict[str, list[str]], tmp_path: Path) -> None:
+    from mongarsd.board import detect_board
+    from mongarsd.config import load_config
+    from mongarsd.const import STOP_TIMEOUT_S, TASKS_STOP_TIMEOUT_S
+    from mongarsd.daemon import Daemon
+    from mongarsd.metrics import Metrics
+    from mongarsd.supervisor import ServiceStack, TaskSupervisor
+
     stop_s = seconds(one(service, "TimeoutStopSec"))
-    drains = [10.0]  # built-in default of server.drain_timeout_s
-    for profile in PROFILES.glob("*.toml"):
-        with profile.open("rb") as fh:
-            drains.append(float(tomllib.load(fh).get("server", {}).get("drain_timeout_s", 10.0)))
-    assert stop_s >= max(drains) + 10, "leave time for the services to stop after draining"
+    assert stop_s == STOP_TIMEOUT_S
+    board = detect_board()
+    for profile in sorted(PROFILES.glob("*.toml")):
+        (tmp_path / "none.toml").write_text("")
+        loaded = load_config(profile=profile.stem, config_path=tmp_path / "none.toml", cli={"server": {"state_dir": tmp_path}})
+        services, _ = Daemon(loaded=loaded, board=board).build_services(Metrics(), ServiceStack(), TaskSupervisor())
+        # the daemon stops: HTTP drain, service loops, every service in reverse, then its own tasks
+        total = sum(s.stop_timeout_s for s in services) + 3 * TASKS_STOP_TIMEOUT_S
+        assert total <= stop_s - 5, f"{profile.stem}: {total} s = {sorted((s.name, s.stop_timeout_s) for s in services)}"
 
 
 def test_jetson_dropin_reopens_gpu_devices() -> None:
