@@ -12,8 +12,9 @@ import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -31,11 +32,28 @@ from mongarsd.runmarker import RunMarker
 from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor
 from mongarsd.systemd import Notifier
 
+if TYPE_CHECKING:
+    from mongarsd.cognition.pipeline import ConversationPipeline
+    from mongarsd.inference.embed import Embedder
+    from mongarsd.inference.manager import InferenceManager
+    from mongarsd.memory.hippocampus import Hippocampus
+    from mongarsd.mesh.service import MeshService
+
 log = structlog.get_logger("mongarsd.daemon")
 
 DB_FILE = "mongarsd.db"
 LOCK_FILE = "mongarsd.lock"
 EMBED_IDLE_CHECK_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CoreServices:
+    """Inference, memory and cognition, built together (they use each other)."""
+
+    embedder: Embedder
+    manager: InferenceManager
+    hippocampus: Hippocampus
+    pipeline: ConversationPipeline
 
 
 class InstanceLock:
@@ -258,10 +276,14 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service], AppContext]:
-        """Wire every service with the collaborators it uses, in start order."""
+        """Wire every service with the collaborators it uses, in start order; build the handlers' context once."""
+        from mongarsd.api import native, ollama, openai, peers
+
         cfg = self.loaded.config
         db = Database(path=cfg.server.state_dir / DB_FILE, tasks=tasks)
         tokens = TokenStore(db=db)
+        core = self._core_services(db, metrics, tasks)
+        mesh = self._mesh_service(core.manager, db, metrics, tasks)
         ctx = AppContext(
             loaded=self.loaded,
             board=self.board,
@@ -269,23 +291,30 @@ class Daemon:
             db=db,
             tokens=tokens,
             services_state=lambda: dict(stack.state),
+            llm=core.manager,
+            embedder=core.embedder,
+            hippocampus=core.hippocampus,
+            pipeline=core.pipeline,
+            mesh=mesh,
             unclean_exits=self.unclean_exits,
         )
-        services: list[Service] = [db, BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir)]
-        route_setups: list[Callable[[web.Application], None]] = []
-        services += self._core_services(ctx, route_setups, tasks)
-        services += self._mesh_services(ctx, route_setups, tasks)
-        app = create_app(ctx, route_setups)
+        app = create_app(ctx, [openai.setup_routes, ollama.setup_routes, native.setup_routes, peers.setup_routes])
         self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
-        services.append(self.http)
-        services += self._edge_services(ctx)
+        services: list[Service] = [
+            db,
+            BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir),
+            core.embedder,
+            core.manager,
+            core.hippocampus,
+            core.pipeline,
+            mesh,
+            self.http,
+            *self._edge_services(ctx),
+        ]
         return services, ctx
 
-    def _core_services(
-        self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]], tasks: TaskSupervisor
-    ) -> list[Service]:
+    def _core_services(self, db: Database, metrics: Metrics, tasks: TaskSupervisor) -> CoreServices:
         """Inference, memory and cognition: started after the store, before the API."""
-        from mongarsd.api import native, ollama, openai
         from mongarsd.cognition.pipeline import ConversationPipeline
         from mongarsd.inference.embed import Embedder
         from mongarsd.inference.manager import InferenceManager
@@ -307,46 +336,38 @@ class Daemon:
             preload=embed.preload,
         )
         manager = InferenceManager.from_config(
-            cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=ctx.metrics, tasks=tasks
+            cfg.inference, registry=ModelRegistry(models_dir), board=self.board, metrics=metrics, tasks=tasks
         )
         hippocampus = Hippocampus(
-            db=ctx.db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
+            db=db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
         )
         pipeline = ConversationPipeline(
             hippocampus=hippocampus,
             llm=manager,
-            profiles=ProfileStore(db=ctx.db),
+            profiles=ProfileStore(db=db),
             recall_k=cfg.memory.recall_k,
             history_turns=cfg.memory.history_turns,
             default_model=cfg.inference.default_model,
             max_tokens_default=cfg.inference.max_tokens_default,
         )
-        ctx.embedder, ctx.llm, ctx.hippocampus, ctx.pipeline = embedder, manager, hippocampus, pipeline
-        ctx.metrics.add_source(hippocampus.metrics)
-        ctx.metrics.add_source(pipeline.metrics)
-        route_setups += [openai.setup_routes, ollama.setup_routes, native.setup_routes]
+        metrics.add_source(hippocampus.metrics)
+        metrics.add_source(pipeline.metrics)
         self.loops += [
             ("hippocampus-purge", hippocampus.async_purge_loop),
             ("embedder-idle-unload", lambda: self._async_embedder_idle(embedder)),
         ]
-        return [embedder, manager, hippocampus, pipeline]
+        return CoreServices(embedder=embedder, manager=manager, hippocampus=hippocampus, pipeline=pipeline)
 
-    async def _async_embedder_idle(self, embedder: Any) -> None:
+    async def _async_embedder_idle(self, embedder: Embedder) -> None:
         while True:
             await asyncio.sleep(EMBED_IDLE_CHECK_S)
             await embedder.async_unload_if_idle()
 
-    def _mesh_services(
-        self, ctx: AppContext, route_setups: list[Callable[[web.Application], None]], tasks: TaskSupervisor
-    ) -> list[Service]:
-        """The peer mesh (gossip, discovery, scheduler) when mesh.enabled; its routes always."""
-        from mongarsd.api import peers
+    def _mesh_service(self, manager: InferenceManager, db: Database, metrics: Metrics, tasks: TaskSupervisor) -> MeshService:
+        """The peer mesh (gossip, discovery, scheduler); it stays idle unless mesh.enabled. Its routes always exist."""
         from mongarsd.mesh.service import MeshService
 
-        mesh = MeshService(config=self.loaded.config, board=self.board, llm=ctx.llm, db=ctx.db, metrics=ctx.metrics, tasks=tasks)
-        ctx.mesh = mesh
-        route_setups.append(peers.setup_routes)
-        return [mesh]
+        return MeshService(config=self.loaded.config, board=self.board, llm=manager, db=db, metrics=metrics, tasks=tasks)
 
     def _edge_services(self, ctx: AppContext) -> list[Service]:
         """Mesh advertisement and idle-time work: started once the API listens."""
@@ -386,7 +407,7 @@ class Daemon:
         for name, factory in self.loops:
             service_tasks.spawn(name, factory, owner=self)
         release_free_heap()
-        ctx.ready = True
+        ctx.state.ready = True
         metrics.ready.set(1)
         if self.notifier.watchdog_interval_s:
             interval = self.notifier.watchdog_interval_s
@@ -395,10 +416,10 @@ class Daemon:
         log.info("daemon_ready", elapsed_ms=round((time.monotonic() - t0) * 1000, 1), services=stack.started)
         await self._stop.wait()
 
-        ctx.ready = False
+        ctx.state.ready = False
         metrics.ready.set(0)
         self.notifier.stopping()
-        log.info("daemon_stopping", inflight=ctx.inflight, drain_timeout_s=cfg.server.drain_timeout_s)
+        log.info("daemon_stopping", inflight=ctx.state.inflight, drain_timeout_s=cfg.server.drain_timeout_s)
         http = self.http
         if http is not None and http in stack.started_services:
             errors = await stack.async_stop_one(http)  # drain requests first: they may still use the loops' services

@@ -56,6 +56,10 @@ class ModelError(InferenceError):
     """A model file is unknown, corrupt or not loadable."""
 
 
+class UnknownModelError(ModelError):
+    """No model of that name is installed (404 naming the models there are)."""
+
+
 class ContextOverflowError(ValidationError):
     """The prompt does not fit in the model's context window."""
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -19,11 +19,30 @@ from mongarsd.metrics import Metrics
 
 if TYPE_CHECKING:
     from mongarsd.board import BoardInfo
+    from mongarsd.cognition.pipeline import ConversationPipeline
+    from mongarsd.config import Config
+    from mongarsd.inference.embed import Embedder
+    from mongarsd.inference.manager import InferenceManager
+    from mongarsd.memory.hippocampus import Hippocampus
+    from mongarsd.mesh.service import MeshService
 
 
-@dataclass
+@dataclass(slots=True)
+class RequestState:
+    """What changes while the daemon runs: readiness and requests in flight (event loop only)."""
+
+    ready: bool = False
+    inflight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
 class AppContext:
-    """Everything a handler may need; optional parts are None until their issue lands."""
+    """The collaborators handlers use, built once by the composition root (daemon.py).
+
+    Optional parts are None when the daemon runs without them (tests, tools); handlers say so
+    with a clear 503 instead of guessing.
+    """
 
     loaded: LoadedConfig
     board: BoardInfo
@@ -31,20 +50,18 @@ class AppContext:
     db: Database
     tokens: TokenStore
     services_state: Callable[[], dict[str, str]] = dict
-    llm: Any = None  # inference.manager.InferenceManager
-    embedder: Any = None  # inference.embed.Embedder
-    hippocampus: Any = None
-    pipeline: Any = None
-    mesh: Any = None
+    llm: InferenceManager | None = None
+    embedder: Embedder | None = None
+    hippocampus: Hippocampus | None = None
+    pipeline: ConversationPipeline | None = None
+    mesh: MeshService | None = None
     version: str = __version__
     started_at: float = field(default_factory=time.time)
-    ready: bool = False
-    inflight: int = 0
     unclean_exits: int = 0  # previous runs on this state dir that ended without a clean stop
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    state: RequestState = field(default_factory=RequestState)
 
     @property
-    def config(self) -> Any:
+    def config(self) -> Config:
         return self.loaded.config
 
 

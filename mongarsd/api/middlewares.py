@@ -27,6 +27,7 @@ from mongarsd.errors import (
     OverloadedError,
     StoreError,
     UnavailableError,
+    UnknownModelError,
     ValidationError,
 )
 
@@ -88,8 +89,8 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
         request[REQUEST_ID] = rid
         structlog.contextvars.bind_contextvars(request_id=rid)
         t0 = time.monotonic()
-        ctx.inflight += 1
-        ctx.drained.clear()
+        ctx.state.inflight += 1
+        ctx.state.drained.clear()
         status = 500
         try:
             resp = await _translate(request, handler)
@@ -98,9 +99,9 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
                 resp.headers[REQUEST_ID_HEADER] = rid
             return resp
         finally:
-            ctx.inflight -= 1
-            if ctx.inflight == 0:
-                ctx.drained.set()
+            ctx.state.inflight -= 1
+            if ctx.state.inflight == 0:
+                ctx.state.drained.set()
             route = _route_label(request)
             ctx.metrics.http_requests.labels(route, request.method, str(status)).inc()
             ctx.metrics.http_latency.labels(route).observe(time.monotonic() - t0)
@@ -131,7 +132,8 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             retry = str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(err.retry_after_s))))
             return error_response(request, err.status, str(err), headers={"Retry-After": retry})
         except ModelError as err:
-            return error_response(request, 404 if "unknown model" in str(err) else 422, str(err), param="model")
+            status = 404 if isinstance(err, UnknownModelError) else 422
+            return error_response(request, status, str(err), param="model", code="model_not_found" if status == 404 else None)
         except EmbedderUnavailableError as err:
             return error_response(request, 503, str(err), headers={"Retry-After": str(EMBEDDER_RETRY_AFTER_S)} if err.transient else None)
         except UnavailableError as err:

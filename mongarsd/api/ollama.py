@@ -15,7 +15,7 @@ from aiohttp import web
 from mongarsd.api.app import CTX, AppContext
 from mongarsd.api.auth import public
 from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
-from mongarsd.api.openai import async_embed_texts, parse_embed_input
+from mongarsd.api.openai import async_embed_texts, embedder_of, parse_embed_input
 from mongarsd.api.streaming import (
     DisconnectGuard,
     GenInfo,
@@ -368,22 +368,23 @@ async def handle_embed(request: web.Request) -> web.Response:
     texts = parse_embed_input(body.get("input"))
     truncate = get_bool(body, "truncate", default=True)
     parse_keep_alive(body.get("keep_alive"))
-    if not truncate and ctx.embedder is not None:
-        limit = int(getattr(ctx.embedder, "max_seq_tokens", 256))
-        counts = ctx.embedder.count_tokens(texts)
+    embedder = embedder_of(ctx)
+    if not truncate:
+        counts = await embedder.async_count_tokens(texts)
+        limit = embedder.max_seq_tokens
         for i, n in enumerate(counts):
             if n > limit:
                 raise ValidationError(
                     "input[" + str(i) + "] has " + str(n) + " tokens; the model takes at most " + str(limit) + " (set truncate true)",
                     param="input",
                 )
-    was_loaded = bool(getattr(ctx.embedder, "loaded", True))
+    was_loaded = embedder.loaded
     t_embed = time.monotonic()
     vectors, n_tokens = await async_embed_texts(ctx, model, texts)
     done = time.monotonic()
     return json_response(
         {
-            "model": ctx.embedder.model_id,
+            "model": embedder.model_id,
             "embeddings": [[float(x) for x in row] for row in vectors],
             "total_duration": int((done - t0) * NS_PER_S),
             "load_duration": 0 if was_loaded else int((done - t_embed) * NS_PER_S),
@@ -438,9 +439,8 @@ async def handle_tags(request: web.Request) -> web.Response:
         models.append(persona)
     if ctx.embedder is not None:
         size = 0
-        path = getattr(ctx.embedder, "model_path", None)
         try:
-            size = path.stat().st_size if path is not None else 0
+            size = ctx.embedder.model_path.stat().st_size
         except OSError:
             size = 0
         models.append(

@@ -27,7 +27,8 @@ from mongarsd.api.streaming import (
     parse_stop,
 )
 from mongarsd.const import PERSONA_MODEL_ID
-from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, ValidationError
+from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, OverloadedError, ValidationError
+from mongarsd.inference.embed import Embedder
 from mongarsd.inference.grammar import check_schema
 from mongarsd.inference.llm import Timings, TokenEvent
 from mongarsd.inference.sampling import SamplingSpec
@@ -324,7 +325,7 @@ async def _async_stream(
                 await writer.async_send(chunk(event.text, None))
             event = await events.__anext__()
     except MongarsError as err:  # failed after the headers went out: say so in the stream
-        status = getattr(err, "status", 500)
+        status = err.status if isinstance(err, ValidationError | OverloadedError) else 500
         await writer.async_send(
             {
                 "error": {
@@ -367,11 +368,15 @@ def parse_embed_input(value: object, *, param: str = "input") -> list[str]:
     return items
 
 
-async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tuple[Any, int]:
-    """Embed texts with the embedder; return (vectors [n, dim], tokens counted)."""
-    embedder = ctx.embedder
-    if embedder is None:
+def embedder_of(ctx: AppContext) -> Embedder:
+    if ctx.embedder is None:
         raise EmbedderUnavailableError("the embedding model is not enabled on this daemon", transient=False)
+    return ctx.embedder
+
+
+async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tuple[Any, int]:
+    """Embed texts with the embedder; return (vectors [n, dim], tokens counted), both off the loop."""
+    embedder = embedder_of(ctx)
     if not embed_model_matches(model, embedder.model_id):
         if ctx.llm is not None and not is_persona(model):
             try:
@@ -382,7 +387,7 @@ async def async_embed_texts(ctx: AppContext, model: str, texts: list[str]) -> tu
                 raise ValidationError("model '" + model + "' does not support embeddings; use " + embedder.model_id, param="model")
         raise NotFoundError("model '" + model + "' not found (the embedding model is " + embedder.model_id + ")", param="model")
     vectors = await embedder.async_embed(texts)
-    counts = embedder.count_tokens(texts)
+    counts = await embedder.async_count_tokens(texts)
     return vectors, int(sum(counts))
 
 
@@ -396,14 +401,15 @@ async def handle_embeddings(request: web.Request) -> web.Response:
         raise ValidationError("'encoding_format' must be float or base64", param="encoding_format")
     dims = get_int(body, "dimensions", lo=1)
     vectors, n_tokens = await async_embed_texts(ctx, model, texts)
+    model_id = embedder_of(ctx).model_id
     if dims is not None and dims != vectors.shape[1]:
-        raise ValidationError("'dimensions' must be " + str(vectors.shape[1]) + " for " + ctx.embedder.model_id, param="dimensions")
+        raise ValidationError("'dimensions' must be " + str(vectors.shape[1]) + " for " + model_id, param="dimensions")
     data = []
     for i, row in enumerate(vectors):
         emb: Any = base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode() if fmt == "base64" else [float(x) for x in row]
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return json_response(
-        {"object": "list", "data": data, "model": ctx.embedder.model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        {"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
     )
 
 

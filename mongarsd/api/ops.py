@@ -26,8 +26,8 @@ async def handle_health(request: web.Request) -> web.Response:
 @public
 async def handle_ready(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    body = {"ready": ctx.ready, "services": ctx.services_state()}
-    return json_response(body, status=200 if ctx.ready else 503, headers=None if ctx.ready else {"Retry-After": "1"})
+    body = {"ready": ctx.state.ready, "services": ctx.services_state()}
+    return json_response(body, status=200 if ctx.state.ready else 503, headers=None if ctx.state.ready else {"Retry-After": "1"})
 
 
 @require("admin")
@@ -44,7 +44,7 @@ async def handle_status(request: web.Request) -> web.Response:
     body = {
         "name": "mongarsd",
         "version": ctx.version,
-        "ready": ctx.ready,
+        "ready": ctx.state.ready,
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "board": {
             "profile": board.profile,
@@ -62,7 +62,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "you": {"user": principal.user, "role": principal.role},
         "process": {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "threads": proc.num_threads()},
         "event_loop_lag": ctx.metrics.loop_lag_summary(),
-        "inflight_requests": ctx.inflight,
+        "inflight_requests": ctx.state.inflight,
         "unclean_exits": ctx.unclean_exits,
     }
     return json_response(body)

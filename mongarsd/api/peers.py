@@ -115,7 +115,7 @@ async def handle_hello(request: web.Request) -> web.Response:
 async def _served_by(request: web.Request, response: web.StreamResponse) -> None:
     """Name the node that served every response; a forwarded one keeps the peer's header."""
     mesh = request.app[CTX].mesh
-    node = getattr(mesh, "node_id", None)
+    node = mesh.node_id if mesh is not None else None
     if node and H_SERVED_BY not in response.headers:
         response.headers[H_SERVED_BY] = node
 

@@ -8,7 +8,6 @@ client-disconnect cancellation, and the SSE / NDJSON stream writers.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,19 +227,14 @@ async def _async_persona_events(
     principal = principal_of(request)
     info.model = PERSONA_MODEL_ID
     # the pipeline builds the real prompt and sizes the reply once it knows its length
-    result = pipeline.async_chat_messages(principal.user, messages, stream, spec)
-    if inspect.isawaitable(result):
-        result = await result
-    events: AsyncIterator[TokenEvent] = result
+    events = pipeline.async_chat_messages(principal.user, messages, stream, spec)
     try:
         async for event in events:
             if event.finish_reason is not None:
                 info.prompt_tokens = event.prompt_tokens
             yield event
     finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await events.aclose()
 
 
 # ----------------------------------------------------------------------------------------

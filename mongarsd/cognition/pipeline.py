@@ -22,7 +22,8 @@ import structlog
 from mongarsd.cognition import bouche, mimicry, personality
 from mongarsd.cognition.prompt import Msg, PromptParts, fit
 from mongarsd.errors import EmbedderUnavailableError, InferenceError, MongarsError, StoreError, ValidationError
-from mongarsd.inference.llm import TokenEvent
+from mongarsd.inference.llm import LlamaEngine, TokenEvent
+from mongarsd.inference.manager import InferenceManager
 from mongarsd.inference.sampling import SamplingSpec, build_params, check_fits, context_limit, reply_reserve
 from mongarsd.memory.hippocampus import Hippocampus, Message, RecallResult
 from mongarsd.memory.profiles import ProfileRow, ProfileStore
@@ -179,7 +180,7 @@ class ConversationPipeline:
         self,
         *,
         hippocampus: Hippocampus,
-        llm: Any,
+        llm: InferenceManager | LlamaEngine | None,
         profiles: ProfileStore | None = None,
         recall_k: int = 5,
         history_turns: int = 8,
@@ -244,7 +245,7 @@ class ConversationPipeline:
         *,
         session_id: str | None = None,
         model: str | None = None,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Run the persona `mongars` on OpenAI-style messages; yield engine-style TokenEvents.
 
         The last message must come from the user: it is the turn (stored with the answer).
@@ -460,25 +461,21 @@ class ConversationPipeline:
         return None
 
     @contextlib.asynccontextmanager
-    async def _async_engine(self, model: str | None, timings: dict[str, float]) -> AsyncIterator[tuple[Any, str]]:
-        """Hold the engine for the turn (through the manager's lease when there is one)."""
+    async def _async_engine(self, model: str | None, timings: dict[str, float]) -> AsyncIterator[tuple[LlamaEngine, str]]:
+        """Hold the engine for the turn: a manager lease, or a bare engine (tools and tests)."""
         t0 = time.perf_counter()
         llm = self.llm
         if llm is None:
             raise InferenceError("no language model is configured")
-        model_id = model or self.default_model or str(getattr(llm, "default_model", "") or getattr(llm, "model_id", ""))
-        if hasattr(llm, "async_use"):
-            async with contextlib.AsyncExitStack() as stack:
-                lease = await asyncio.wait_for(stack.enter_async_context(llm.async_use(model_id)), self.timeouts.model_s)
-                timings["model"] = _ms(t0)
-                yield lease.engine, str(getattr(lease.entry, "id", model_id))
+        if isinstance(llm, LlamaEngine):
+            timings["model"] = _ms(t0)
+            yield llm, llm.model_id
             return
-        if hasattr(llm, "async_engine"):
-            engine = await asyncio.wait_for(llm.async_engine(model_id), self.timeouts.model_s)
-        else:
-            engine = llm  # a bare LlamaEngine
-        timings["model"] = _ms(t0)
-        yield engine, str(getattr(engine, "model_id", model_id))
+        model_id = model or self.default_model or llm.default_model
+        async with contextlib.AsyncExitStack() as stack:
+            lease = await asyncio.wait_for(stack.enter_async_context(llm.async_use(model_id)), self.timeouts.model_s)
+            timings["model"] = _ms(t0)
+            yield lease.engine, lease.entry.id
 
     async def _async_persist(self, user: str, *, sid: str, text: str, answer: str, model_id: str, final: Any, degraded: list[str]) -> Any:
         """Store the turn durably (required) and fold it into the style profile (optional), in one writer batch."""

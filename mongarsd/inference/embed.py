@@ -251,6 +251,17 @@ class Embedder:
             self._last_used = time.monotonic()
         return np.stack([found[t] for t in items]).astype(np.float32, copy=False)
 
+    @property
+    def max_seq_tokens(self) -> int:
+        """Tokens the model reads per text; longer texts are truncated (known once the tokenizer is loaded)."""
+        return self._max_seq_tokens
+
+    async def async_count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """count_tokens on the embedder's worker thread: the first call may load the tokenizer."""
+        items = validate_texts(texts, self.max_texts)
+        counts: list[int] = await self._async_call(self.count_tokens, items)
+        return counts
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Return the tokens the model sees per text (special tokens included, truncated).
 

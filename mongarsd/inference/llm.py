@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -648,7 +648,7 @@ class LlamaEngine:
         params: GenerationParams,
         *,
         cache_key: str | None = None,
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Stream the completion of `prompt_tokens`; the last event has finish_reason set.
 
         Raises (on the first iteration, before anything is queued) ValidationError,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from mongarsd.errors import ModelError
+from mongarsd.errors import ModelError, UnknownModelError
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
 
 log = structlog.get_logger("mongarsd.inference.models")
@@ -185,7 +185,7 @@ class ModelRegistry:
                     entry = matches[0]
             if entry is None:
                 known = ", ".join(sorted(self._entries)) or "none"
-                raise ModelError("unknown model " + repr(model_id) + "; available: " + known)
+                raise UnknownModelError("unknown model " + repr(model_id) + "; available: " + known)
             return entry
 
     def add(self, src_path: Path, *, file_name: str | None = None) -> ModelEntry:

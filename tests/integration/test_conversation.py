@@ -71,7 +71,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         loaded=LoadedConfig(Config(auth=AuthConfig(rate_limit_rps=1000.0, rate_limit_burst=1000)), {}, "generic"), board=board, metrics=Metrics(), db=db, tokens=tokens,
         embedder=emb, hippocampus=hippo, pipeline=pipeline,
     )  # fmt: skip
-    ctx.ready = True
+    ctx.state.ready = True
     app = create_app(ctx, [native.setup_routes])
     runner = web.AppRunner(app)
     await runner.setup()

@@ -344,7 +344,7 @@ async def start_node(tmp: Path, i: int, key: bytes, *, llm: FakeLLM, seeds: tupl
     await mesh.async_start()
     tokens = TokenStore(db=db)
     ctx = AppContext(loaded=LoadedConfig(cfg, {}, "generic"), board=board, metrics=metrics, db=db, tokens=tokens, mesh=mesh)
-    ctx.ready = True
+    ctx.state.ready = True
     app = create_app(ctx, [peer_routes.setup_routes, lambda a: a.router.add_post("/v1/chat/completions", fake_generation)])
     app.middlewares.append(emulate_auth_hook)
     runner = web.AppRunner(app)
