@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from mongarsd.const import DEFAULT_CONFIG_PATH, DEFAULT_GOSSIP_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, ENV_PREFIX
 from mongarsd.errors import ConfigError
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES
 
 PROFILE_NAMES = ("pi4", "pi5", "jetson-orin-nano", "jetson-agx-orin", "x86-i7", "generic")
 
@@ -175,7 +176,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "inference.n_ubatch": _positive,
     "inference.slots": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "inference.queue_depth": _non_negative,
-    "inference.kv_cache_type": _choice("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+    "inference.kv_cache_type": _choice(*KV_CACHE_TYPES),
     "inference.gpu_layers": lambda v: None if v >= -1 else "must be >= -1 (-1 = all)",
     "inference.keep_alive_s": lambda v: None if v >= -1 else "must be >= -1 (-1 = forever)",
     "inference.memory_budget_mb": _non_negative,

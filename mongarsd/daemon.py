@@ -130,6 +130,23 @@ class BindGuard:
         return None
 
 
+class MdnsService:
+    """The mesh's mDNS advertisement and browsing, as an edge: peers find us only once we answer."""
+
+    name = "mdns"
+    start_timeout_s = 15.0
+    stop_timeout_s = 2.0  # sends the goodbye packets; part of the stop budget (const.STOP_TIMEOUT_S)
+
+    def __init__(self, mesh: MeshService) -> None:
+        self._mesh = mesh
+
+    async def async_start(self) -> None:
+        await self._mesh.async_start_discovery()
+
+    async def async_stop(self) -> None:
+        await self._mesh.async_stop_discovery()
+
+
 class HttpService:
     """The aiohttp server; stopping it drains in-flight requests up to the drain timeout.
 
@@ -160,7 +177,9 @@ class HttpService:
         runner = GuardedAppRunner(
             self._app,
             guard=self.connections,
-            shutdown_timeout=self._drain_timeout_s,
+            # aiohttp waits shutdown_timeout for handlers, then cancels their body reads and waits
+            # as long again before cancelling them: half the drain each keeps the whole drain in budget
+            shutdown_timeout=self._drain_timeout_s / 2,
             access_log=None,
             handle_signals=False,
             keepalive_timeout=limits.keepalive_timeout_s,
@@ -367,11 +386,13 @@ class Daemon:
         """The peer mesh (gossip, discovery, scheduler); it stays idle unless mesh.enabled. Its routes always exist."""
         from mongarsd.mesh.service import MeshService
 
-        return MeshService(config=self.loaded.config, board=self.board, llm=manager, db=db, metrics=metrics, tasks=tasks)
+        return MeshService(
+            config=self.loaded.config, board=self.board, llm=manager, db=db, metrics=metrics, tasks=tasks, defer_discovery=True
+        )
 
     def _edge_services(self, ctx: AppContext) -> list[Service]:
-        """Mesh advertisement and idle-time work: started once the API listens."""
-        return []
+        """Mesh advertisement: started once the API listens, stopped before it drains."""
+        return [MdnsService(ctx.mesh)] if ctx.mesh is not None else []
 
     async def _async_run_once(self) -> int:
         cfg = self.loaded.config
@@ -420,11 +441,10 @@ class Daemon:
         metrics.ready.set(0)
         self.notifier.stopping()
         log.info("daemon_stopping", inflight=ctx.state.inflight, drain_timeout_s=cfg.server.drain_timeout_s)
+        # The edge (mDNS advertisement) goes first, then the API drains: requests in flight may
+        # still use the services the loops below work with.
         http = self.http
-        if http is not None and http in stack.started_services:
-            errors = await stack.async_stop_one(http)  # drain requests first: they may still use the loops' services
-        else:
-            errors = []
+        errors = await stack.async_stop_through(http) if http is not None else []
         # Our loops go before the services they use; a service cancels its own tasks when it stops.
         await service_tasks.async_stop(owner=self)
         errors += await stack.async_stop()

@@ -67,16 +67,12 @@ class ServiceStack:
                 self._on_change(svc.name, True)
             log.info("service_started", service=svc.name, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
 
-    @property
-    def started_services(self) -> list[Service]:
-        return list(self._started)
-
-    async def async_stop_one(self, svc: Service) -> list[str]:
-        """Stop one started service ahead of the rest (the API drains before loops stop)."""
-        if svc not in self._started:
-            return []
-        self._started.remove(svc)
-        return await self._async_stop_service(svc)
+    async def async_stop_through(self, svc: Service) -> list[str]:
+        """Stop, in reverse, the services started after `svc`, then `svc` itself (the edge, then the API)."""
+        errors: list[str] = []
+        while svc in self._started:
+            errors += await self._async_stop_service(self._started.pop())
+        return errors
 
     async def async_stop(self) -> list[str]:
         """Stop in reverse order; return the errors collected (never stop at the first)."""

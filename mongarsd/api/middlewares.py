@@ -15,6 +15,7 @@ from aiohttp import web
 
 from mongarsd.api.auth import LOCAL_ADMIN_USER, PRINCIPAL, REQUEST_ID, Principal, check_role, is_loopback, required_role
 from mongarsd.api.errors import error_response
+from mongarsd.api.forwarding import async_authenticate_peer
 from mongarsd.api.io import BODY_READ_TIMEOUT_S
 from mongarsd.const import TOKEN_PREFIX
 from mongarsd.errors import (
@@ -194,7 +195,7 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             try:
                 # a signed request's body is read here to check its signature: bound the wait for it
                 async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-                    peer: Principal | None = await ctx.mesh.async_authenticate(request)
+                    peer: Principal | None = await async_authenticate_peer(request, ctx.mesh)
             except TimeoutError:
                 raise ValidationError(f"request body was not received within {BODY_READ_TIMEOUT_S:g} s", param="body", status=408) from None
             if peer is not None:

@@ -12,27 +12,18 @@ from typing import Any
 
 from aiohttp import web
 
-from mongarsd.api.app import CTX, AppContext
+from mongarsd.api.app import CTX
 from mongarsd.api.auth import public
+from mongarsd.api.generation import GenInfo, async_chat_events, async_forward
 from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
+from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop
 from mongarsd.api.openai import async_embed_texts, embedder_of, parse_embed_input
-from mongarsd.api.streaming import (
-    DisconnectGuard,
-    GenInfo,
-    StreamWriter,
-    async_chat_events,
-    async_collect,
-    async_first,
-    is_persona,
-    normalize_messages,
-    parse_seed,
-    parse_stop,
-)
+from mongarsd.api.streaming import DisconnectGuard, StreamWriter, async_collect, async_first
 from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import ModelError, MongarsError, NotFoundError, UnavailableError, ValidationError
+from mongarsd.inference.events import TokenEvent
 from mongarsd.inference.gguf import ArrayInfo, read_gguf
 from mongarsd.inference.grammar import check_schema
-from mongarsd.inference.llm import TokenEvent
 from mongarsd.inference.manager import parse_keep_alive
 from mongarsd.inference.models import ModelEntry
 from mongarsd.inference.sampling import SamplingSpec
@@ -244,15 +235,6 @@ def _expires_iso(ts: float) -> str:
 # Generation handlers
 
 
-async def _async_forwarded(
-    ctx: AppContext, request: web.Request, body: dict[str, Any], model: str, stream: bool
-) -> web.StreamResponse | None:
-    if ctx.mesh is None:
-        return None
-    resp: web.StreamResponse | None = await ctx.mesh.async_maybe_forward(request, body, model=model, stream=stream)
-    return resp
-
-
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     return await _async_generate(request, body, parse_chat(body), chat=True)
@@ -291,10 +273,9 @@ async def _async_load_only(request: web.Request, req: OllamaRequest, *, chat: bo
 
 
 async def _async_generate(request: web.Request, body: dict[str, Any], req: OllamaRequest, *, chat: bool) -> web.StreamResponse:
-    ctx = request.app[CTX]
     if not req.messages and req.prompt is None:
         return await _async_load_only(request, req, chat=chat)
-    forwarded = await _async_forwarded(ctx, request, body, req.model, req.stream)
+    forwarded = await async_forward(request, body, model=req.model, stream=req.stream)
     if forwarded is not None:
         return forwarded
     info = GenInfo(model=req.model)

@@ -13,24 +13,15 @@ import numpy as np
 from aiohttp import web
 
 from mongarsd.api.app import CTX, AppContext
+from mongarsd.api.generation import GenInfo, async_chat_events, async_forward
 from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
-from mongarsd.api.streaming import (
-    DisconnectGuard,
-    GenInfo,
-    StreamWriter,
-    async_chat_events,
-    async_collect,
-    async_first,
-    is_persona,
-    normalize_messages,
-    parse_seed,
-    parse_stop,
-)
+from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop
+from mongarsd.api.streaming import DisconnectGuard, StreamWriter, async_collect, async_first
 from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, OverloadedError, ValidationError
 from mongarsd.inference.embed import Embedder
+from mongarsd.inference.events import Timings, TokenEvent
 from mongarsd.inference.grammar import check_schema
-from mongarsd.inference.llm import Timings, TokenEvent
 from mongarsd.inference.sampling import SamplingSpec
 
 OPENAI_MAX_STOP = 4
@@ -185,15 +176,6 @@ def finish_reason_of(reason: str | None) -> str:
 # Handlers
 
 
-async def _async_forwarded(
-    ctx: AppContext, request: web.Request, body: dict[str, Any], model: str, stream: bool
-) -> web.StreamResponse | None:
-    if ctx.mesh is None:
-        return None
-    resp: web.StreamResponse | None = await ctx.mesh.async_maybe_forward(request, body, model=model, stream=stream)
-    return resp
-
-
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req = parse_chat_request(body)
@@ -207,8 +189,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _async_generate(request: web.Request, body: dict[str, Any], req: OpenAIRequest, *, chat: bool) -> web.StreamResponse:
-    ctx = request.app[CTX]
-    forwarded = await _async_forwarded(ctx, request, body, req.model, req.stream)
+    forwarded = await async_forward(request, body, model=req.model, stream=req.stream)
     if forwarded is not None:
         return forwarded
     info = GenInfo(model=req.model)

@@ -22,7 +22,8 @@ import structlog
 from mongarsd.cognition import bouche, mimicry, personality
 from mongarsd.cognition.prompt import Msg, PromptParts, fit
 from mongarsd.errors import EmbedderUnavailableError, InferenceError, MongarsError, StoreError, ValidationError
-from mongarsd.inference.llm import LlamaEngine, TokenEvent
+from mongarsd.inference.events import TokenEvent
+from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.manager import InferenceManager
 from mongarsd.inference.sampling import SamplingSpec, build_params, check_fits, context_limit, reply_reserve
 from mongarsd.memory.hippocampus import Hippocampus, Message, RecallResult
@@ -325,6 +326,7 @@ class ConversationPipeline:
         text = sanitize_message(message, max_chars=self.max_message_chars)
         sid = validate_session_id(session_id)
         spec = spec if spec is not None else SamplingSpec()
+        await self.hippocampus.db.async_check_space()  # a turn that could not be stored is not generated
         timings["validate"] = _ms(t_start)
 
         # The optional stages run side by side; the group cancels them all if the turn is cancelled.

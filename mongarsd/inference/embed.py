@@ -185,7 +185,8 @@ class Embedder:
                 await self._async_call(self._ensure_session_blocking)
             else:
                 # Lazy: check the files now (clear errors at start), load them on first use.
-                missing = [p.name for p in (self.model_dir / "tokenizer.json", self.model_path) if not p.is_file()]
+                files = (self.model_dir / "tokenizer.json", self.model_path)
+                missing = await self._async_call(lambda: [p.name for p in files if not p.is_file()])
                 if missing:
                     self._fail(f"embedding model files missing in {self.model_dir}: {', '.join(missing)}")
         except EmbedderUnavailableError as err:
@@ -201,7 +202,8 @@ class Embedder:
             return
         # Queued behind any running batch, so the join below finds an idle thread.
         await asyncio.get_running_loop().run_in_executor(executor, self._unload_blocking)
-        executor.shutdown(wait=True)
+        # Joining the worker blocks (briefly: it is idle by now), so it happens off the loop too.
+        await asyncio.to_thread(executor.shutdown, wait=True)
         self._cache.clear()
 
     async def async_unload_if_idle(self, now: float | None = None) -> bool:

@@ -15,19 +15,21 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import structlog
 
 from mongarsd.errors import ModelError, MongarsError, NotFoundError, OverloadedError, ValidationError
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES, kv_cache_types
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.models import ModelEntry, ModelRegistry, model_id_for
+from mongarsd.inference.settings import EngineSettings
 from mongarsd.supervisor import TaskSupervisor
 
 if TYPE_CHECKING:
@@ -44,21 +46,11 @@ COMPUTE_OVERHEAD_MB = 48.0  # compute buffers, batch, sampler state per loaded m
 BUSY_RETRY_AFTER_S = 5.0
 IDLE_TASK = "inference-idle"
 
-# bytes per KV element by cache type (ggml block sizes: q8_0 = 34 bytes / 32 values, ...)
-KV_BYTES_PER_ELEM: dict[str, float] = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q5_1": 24 / 32,
-    "q5_0": 22 / 32,
-    "q4_1": 20 / 32,
-    "q4_0": 18 / 32,
-    "iq4_nl": 18 / 32,
-}
-_QUANTIZED_KV = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
 
-EngineFactory = Callable[..., LlamaEngine]
+class EngineFactory(Protocol):
+    """Builds the engine of one model (LlamaEngine; tests pass fakes)."""
+
+    def __call__(self, *, model_path: Path, settings: EngineSettings, model_id: str) -> LlamaEngine: ...
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,10 +117,9 @@ def kv_bytes_per_cell(info: GGUFInfo, kv_cache_type: str, flash_attn: bool) -> f
     heads_kv = num("attention.head_count_kv") or heads
     k_len = num("attention.key_length") or embd // heads
     v_len = num("attention.value_length") or embd // heads
-    k_bytes = KV_BYTES_PER_ELEM.get(kv_cache_type, 2.0)
-    # the engine quantises V only with flash attention (llama.cpp's requirement)
-    v_bytes = k_bytes if (flash_attn or kv_cache_type not in _QUANTIZED_KV) else 2.0
-    return float(layers * heads_kv * (k_len * k_bytes + v_len * v_bytes))
+    # the cache types the engine will use (V quantized only with flash attention); an unknown one counts as f16
+    k, v = kv_cache_types(kv_cache_type if kv_cache_type in KV_CACHE_TYPES else "f16", flash_attn=flash_attn)
+    return float(layers * heads_kv * (k_len * k.bytes_per_elem + v_len * v.bytes_per_elem))
 
 
 def estimate_model_mb(file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool, slots: int = 1) -> float:
@@ -244,18 +235,7 @@ class InferenceManager:
         *,
         registry: ModelRegistry,
         default_model: str = "smollm2-135m-instruct:q4_1",
-        threads: int = 0,
-        threads_batch: int = 0,
-        n_ctx: int = 2048,
-        n_batch: int = 512,
-        n_ubatch: int = 512,
-        slots: int = 4,
-        queue_depth: int = 16,
-        kv_cache_type: str = "f16",
-        flash_attn: bool = False,
-        use_mmap: bool = True,
-        use_mlock: bool = False,
-        gpu_layers: int = 0,
+        engine: EngineSettings = EngineSettings(),
         keep_alive_s: float = 300.0,
         memory_budget_mb: int = 0,
         max_tokens_default: int = 256,
@@ -266,26 +246,15 @@ class InferenceManager:
         engine_factory: EngineFactory = LlamaEngine,
         tasks: TaskSupervisor | None = None,
     ) -> None:
-        if kv_cache_type not in KV_BYTES_PER_ELEM:
-            raise ValidationError("kv_cache_type must be one of " + ", ".join(KV_BYTES_PER_ELEM), param="kv_cache_type")
         self.registry = registry
         self.default_model = default_model
+        threads = engine.threads
         if threads <= 0 and board is not None:
             from mongarsd.board import recommended_threads
 
             threads = recommended_threads(board)
-        self.threads = threads
-        self.threads_batch = threads_batch if threads_batch > 0 else threads
-        self.n_ctx = n_ctx
-        self.n_batch = n_batch
-        self.n_ubatch = n_ubatch
-        self.slots = slots
-        self.queue_depth = queue_depth
-        self.kv_cache_type = kv_cache_type
-        self.flash_attn = flash_attn
-        self.use_mmap = use_mmap
-        self.use_mlock = use_mlock
-        self.gpu_layers = gpu_layers
+        # every engine gets the same resolved thread counts
+        self.engine_settings = replace(engine, threads=threads, threads_batch=engine.threads_batch if engine.threads_batch > 0 else threads)
         self.keep_alive_s = FOREVER_S if keep_alive_s < 0 else keep_alive_s
         ram_mb = board.ram_mb if board is not None and board.ram_mb > 0 else int(psutil.virtual_memory().total / 2**20)
         self.budget_mb = effective_budget_mb(memory_budget_mb, ram_mb)
@@ -319,18 +288,20 @@ class InferenceManager:
         return cls(
             registry=registry,
             default_model=section.default_model,
-            threads=section.threads,
-            threads_batch=section.threads_batch,
-            n_ctx=section.n_ctx,
-            n_batch=section.n_batch,
-            n_ubatch=section.n_ubatch,
-            slots=section.slots,
-            queue_depth=section.queue_depth,
-            kv_cache_type=section.kv_cache_type,
-            flash_attn=section.flash_attn,
-            use_mmap=section.use_mmap,
-            use_mlock=section.use_mlock,
-            gpu_layers=section.gpu_layers,
+            engine=EngineSettings(
+                n_ctx=section.n_ctx,
+                n_batch=section.n_batch,
+                n_ubatch=section.n_ubatch,
+                threads=section.threads,
+                threads_batch=section.threads_batch,
+                slots=section.slots,
+                queue_depth=section.queue_depth,
+                kv_cache_type=section.kv_cache_type,
+                flash_attn=section.flash_attn,
+                use_mmap=section.use_mmap,
+                use_mlock=section.use_mlock,
+                gpu_layers=section.gpu_layers,
+            ),
             keep_alive_s=section.keep_alive_s,
             memory_budget_mb=section.memory_budget_mb,
             max_tokens_default=section.max_tokens_default,
@@ -516,8 +487,9 @@ class InferenceManager:
                 info: GGUFInfo | None = await asyncio.to_thread(read_gguf, entry.path, read_tensors=False)
             except OSError as err:
                 raise ModelError("cannot read model file " + str(entry.path) + ": " + str(err)) from err
+            es = self.engine_settings
             need = estimate_model_mb(
-                entry.size, info, n_ctx=self.n_ctx, kv_cache_type=self.kv_cache_type, flash_attn=self.flash_attn, slots=self.slots
+                entry.size, info, n_ctx=es.n_ctx, kv_cache_type=es.kv_cache_type, flash_attn=es.flash_attn, slots=es.slots
             )
             resident = [Resident(m.entry.id, m.size_mb, m.busy, m.last_used) for m in self._models.values()]
             evict = plan_evictions(self.budget_mb, need, resident)
@@ -549,22 +521,7 @@ class InferenceManager:
                 )
             for model_id in evict:
                 await self._async_unload_locked(model_id, reason="memory_budget")
-            engine = self._engine_factory(
-                model_path=Path(entry.path),
-                model_id=entry.id,
-                n_ctx=self.n_ctx,
-                n_batch=self.n_batch,
-                n_ubatch=self.n_ubatch,
-                threads=self.threads,
-                threads_batch=self.threads_batch,
-                slots=self.slots,
-                queue_depth=self.queue_depth,
-                kv_cache_type=self.kv_cache_type,
-                flash_attn=self.flash_attn,
-                use_mmap=self.use_mmap,
-                use_mlock=self.use_mlock,
-                gpu_layers=self.gpu_layers,
-            )
+            engine = self._engine_factory(model_path=Path(entry.path), settings=es, model_id=entry.id)
             t0 = time.monotonic()
             try:
                 await engine.async_start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -35,6 +36,9 @@ WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 BUSY_TIMEOUT_MS = 5000
 WRITE_BATCH_MAX = 64  # operations folded into one transaction
 WRITE_QUEUE_MAX = 4096
+# Below this much free space a chat turn is refused before generating: its answer could not be
+# stored (SQLite needs room for the WAL frames of a turn), so the board spares the compute.
+STORE_MIN_FREE_BYTES = 256 * 1024
 
 RECOVERY_HINT = (
     "stop mongarsd, move the damaged file aside, then either restore a backup or salvage it with "
@@ -128,6 +132,15 @@ class Database:
     @property
     def running(self) -> bool:
         return self._writer is not None
+
+    async def async_check_space(self) -> None:
+        """Raise a transient StoreError when the store's filesystem is (nearly) full."""
+        try:
+            free = (await asyncio.to_thread(shutil.disk_usage, self.path.parent)).free
+        except OSError:
+            return  # cannot tell: let the write itself say
+        if free < STORE_MIN_FREE_BYTES:
+            raise StoreError(f"database or disk is full: {free} bytes free where the store lives; free some space", transient=True)
 
     async def async_write(self, op: WriteOp) -> Any:
         """Run `op` inside a write transaction; return once it is durably committed."""

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from aiohttp import ClientConnectionResetError, ClientError, ClientSession, ClientTimeout, web
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
@@ -272,101 +271,3 @@ class RequestVerifier:
             raise self._reject("stale", f"request older than the {REPLAY_WINDOW_S:g} s replay window of its sender")
         self._skew_log.observe(node, skew_s, peer=node)
         return VerifiedPeer(node_id=node, user=user, hops=hops)
-
-
-# --- the HTTP side -------------------------------------------------------------------------
-
-FORWARD_CONNECT_TIMEOUT_S: Final = 3.0
-FORWARD_READ_TIMEOUT_S: Final = 120.0  # longest silence from a peer before it counts as failed
-MAX_FORWARD_RESPONSE_BYTES: Final = 16 * 1024 * 1024  # non-streamed answers are buffered
-STREAM_CHUNK_BYTES: Final = 16384
-# Statuses after which another node may do better: we were refused (auth, load) or it broke.
-RETRY_STATUSES: Final = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
-BREAKER_STATUSES: Final = frozenset({500, 502, 503, 504})
-_PASS_HEADERS: Final = ("Content-Type", "Cache-Control", H_SERVED_BY, "X-Accel-Buffering", "Retry-After")
-
-
-class PeerFailure(Exception):
-    """A forward failed before any byte reached the client; another node may be tried.
-
-    `breaker` says whether it counts against the peer's circuit breaker (connection errors,
-    timeouts, 5xx) or not (the peer answered sensibly: busy, model gone, refused).
-    """
-
-    def __init__(self, reason: str, *, breaker: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.breaker = breaker
-
-
-class ClientGone(Exception):
-    """The client disconnected while we relayed a stream."""
-
-
-async def async_relay(
-    session: ClientSession, *, url: str, request: web.Request, body: bytes, headers: Mapping[str, str], stream: bool
-) -> web.StreamResponse:
-    """POST to a peer; raise PeerFailure until the first byte, then pass the stream through.
-
-    A non-streamed answer is read whole (capped) before we answer, so any failure is retryable.
-    A streamed one is committed to the client at its first chunk; a failure after that ends the
-    client's stream (SSE/NDJSON clients see it end early) and is counted, not retried.
-    """
-    timeout = ClientTimeout(
-        total=None, connect=FORWARD_CONNECT_TIMEOUT_S, sock_connect=FORWARD_CONNECT_TIMEOUT_S, sock_read=FORWARD_READ_TIMEOUT_S
-    )
-    try:
-        upstream = await session.post(
-            url, data=body, headers={**headers, "Content-Type": request.headers.get("Content-Type", "application/json")}, timeout=timeout
-        )
-    except (ClientError, TimeoutError, OSError) as err:
-        raise PeerFailure(f"connect: {type(err).__name__}", breaker=True) from err
-    async with upstream:
-        if upstream.status in RETRY_STATUSES:
-            raise PeerFailure(f"status {upstream.status}", breaker=upstream.status in BREAKER_STATUSES)
-        out_headers = {k: upstream.headers[k] for k in _PASS_HEADERS if k in upstream.headers}
-        if not stream:
-            try:
-                data = await upstream.content.read(MAX_FORWARD_RESPONSE_BYTES + 1)
-            except (ClientError, TimeoutError, OSError) as err:
-                raise PeerFailure(f"read: {type(err).__name__}", breaker=True) from err
-            if len(data) > MAX_FORWARD_RESPONSE_BYTES:
-                raise PeerFailure("response too large", breaker=False)
-            ctype = out_headers.pop("Content-Type", "application/json")
-            resp = web.Response(status=upstream.status, body=data, headers=out_headers)
-            resp.headers["Content-Type"] = ctype
-            return resp
-        try:
-            first = await upstream.content.readany()
-        except (ClientError, TimeoutError, OSError) as err:
-            raise PeerFailure(f"first byte: {type(err).__name__}", breaker=True) from err
-        if not first:
-            raise PeerFailure("empty stream", breaker=True)
-        sresp = web.StreamResponse(status=upstream.status, headers=out_headers)
-        try:
-            await sresp.prepare(request)
-            await sresp.write(first)
-        except (ConnectionResetError, ClientConnectionResetError) as err:
-            raise ClientGone() from err
-        while True:
-            try:
-                chunk = await upstream.content.readany()
-            except (ClientError, TimeoutError, OSError) as err:
-                raise StreamBroken(sresp, f"mid-stream: {type(err).__name__}") from err
-            if not chunk:
-                break
-            try:
-                await sresp.write(chunk)
-            except (ConnectionResetError, ClientConnectionResetError) as err:
-                raise ClientGone() from err
-        await sresp.write_eof()
-        return sresp
-
-
-class StreamBroken(Exception):
-    """The peer failed after the stream was committed to the client; `response` is prepared."""
-
-    def __init__(self, response: web.StreamResponse, reason: str) -> None:
-        super().__init__(reason)
-        self.response = response
-        self.reason = reason

@@ -1,5 +1,11 @@
 """GossipNode: the thin async loops around the pure SWIM/Lifeguard decisions.
 
+The node owns the member table and applies every change to it (alive, suspect, dead, leave,
+refutation); each protocol concern lives in its own module, as in memberlist:
+- probe.Prober: direct and indirect probes with nacks, awareness, suspicion timers;
+- broadcast.BroadcastQueue: the transmit-limited piggyback queue;
+- push_pull.AntiEntropy: full state exchange over encrypted streams.
+
 Loops (named supervised tasks owned by the node, restarted with backoff if they crash, cancelled on stop):
 - probe: one member per (awareness-scaled) interval, direct ping, then k indirect pings with
   nacks; silence -> Suspect (SWIM §4, Lifeguard LHM);
@@ -25,14 +31,13 @@ import structlog
 
 from mongarsd.errors import MeshError, WireError
 from mongarsd.mesh import const
-from mongarsd.mesh.awareness import Awareness, probe_delta
+from mongarsd.mesh.broadcast import BroadcastQueue, packet_budget
 from mongarsd.mesh.identity import NodeIdentity, Verifier, sign_leave, sign_record
 from mongarsd.mesh.keyring import Keyring
 from mongarsd.mesh.membership import (
     Decision,
     EventKind,
     Member,
-    ProbeOrder,
     gossip_targets,
     live_others,
     on_alive,
@@ -41,14 +46,14 @@ from mongarsd.mesh.membership import (
     on_suspect,
     push_pull_interval,
     reapable,
-    retransmit_limit,
 )
+from mongarsd.mesh.probe import Prober
+from mongarsd.mesh.push_pull import AntiEntropy
 from mongarsd.mesh.security import Cipher, DropError, DropLog, log_clock_sync_state
 from mongarsd.mesh.state import decode_state, encode_state
-from mongarsd.mesh.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from mongarsd.mesh.suspicion import suspicion_bounds
 from mongarsd.mesh.transport import Stream, Transport
 from mongarsd.mesh.wire import (
-    COMPOUND_FIXED_OVERHEAD_BYTES,
     Ack,
     Addr,
     Alive,
@@ -62,9 +67,7 @@ from mongarsd.mesh.wire import (
     NodeRecord,
     Ping,
     PushPull,
-    PushPullEntry,
     Suspect,
-    compound_overhead,
     decode_messages,
     encode_compound,
     encode_message,
@@ -185,66 +188,12 @@ def _view(m: Member) -> MemberView:
 
 
 @dataclass(slots=True)
-class _Broadcast:
-    key: NodeId
-    payload: bytes
-    transmits: int = 0
-
-
-class BroadcastQueue:
-    """Transmit-limited broadcasts; a newer one about the same node replaces the older."""
-
-    def __init__(self, max_items: int = const.BROADCAST_QUEUE_MAX) -> None:
-        self._items: dict[NodeId, _Broadcast] = {}
-        self._max_items = max_items
-        self.dropped = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def queue(self, key: NodeId, payload: bytes) -> None:
-        self._items.pop(key, None)
-        if len(self._items) >= self._max_items:
-            # drop the most transmitted (least useful) item
-            worst = max(self._items.values(), key=lambda b: b.transmits)
-            del self._items[worst.key]
-            self.dropped += 1
-        self._items[key] = _Broadcast(key, payload)
-
-    def take(self, budget: int, limit: int) -> list[bytes]:
-        """Return broadcasts fitting in `budget` bytes, fewest transmissions first."""
-        out: list[bytes] = []
-        for b in sorted(self._items.values(), key=lambda b: b.transmits):
-            cost = compound_overhead(len(b.payload))
-            if cost > budget:
-                continue
-            budget -= cost
-            out.append(b.payload)
-            b.transmits += 1
-            if b.transmits >= limit:
-                del self._items[b.key]
-            if budget < 8 or len(out) >= const.MAX_COMPOUND_PARTS - 1:
-                break
-        return out
-
-
-@dataclass(slots=True)
-class _AckWaiter:
-    future: asyncio.Future[None]
-    nacks: int = 0
-
-
-@dataclass(slots=True)
 class _Counters:
     packets_sent: int = 0
     packets_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    probes: int = 0
-    probe_failures: int = 0
     refutations: int = 0
-    push_pulls_ok: int = 0
-    push_pulls_failed: int = 0
     events_dropped: int = 0
     handler_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -283,12 +232,11 @@ class GossipNode:
         self._rng = rng if rng is not None else random.Random()
         self._state_bytes = encode_state(state or {})
         self._members: dict[NodeId, Member] = {}
-        self._suspicions: dict[NodeId, Suspicion] = {}
-        self._broadcasts = BroadcastQueue()
-        self._awareness = Awareness(max_multiplier=timing.awareness_max_multiplier)
-        self._probe_order = ProbeOrder()
-        self._acks: dict[int, _AckWaiter] = {}
-        self._seq = self._rng.randrange(const.MAX_SEQ)
+        self._broadcasts = BroadcastQueue(retransmit_mult=timing.retransmit_mult, n_nodes=self._n_live)
+        self._prober = Prober(node_id=identity.node_id, timing=timing, rng=self._rng, send=self._send)
+        self._anti_entropy = AntiEntropy(
+            transport=transport, members=self._members, merge=self._merge, drops=self._drops, timeout_s=timing.stream_timeout_s
+        )
         self._incarnation = 0
         self._subscribers: list[asyncio.Queue[MemberEvent]] = []
         # Loops restart with backoff if they crash: a node whose probe loop died must not look healthy.
@@ -415,15 +363,15 @@ class GossipNode:
             "bytes_received": c.bytes_received,
             "drops": dict(self._drops.counts),
             "members": by_state,
-            "probes": c.probes,
-            "probe_failures": c.probe_failures,
+            "probes": self._prober.probes,
+            "probe_failures": self._prober.probe_failures,
             "refutations": c.refutations,
-            "push_pulls_ok": c.push_pulls_ok,
-            "push_pulls_failed": c.push_pulls_failed,
+            "push_pulls_ok": self._anti_entropy.ok,
+            "push_pulls_failed": self._anti_entropy.failed,
             "events_dropped": c.events_dropped,
             "handler_errors": c.handler_errors,
             "broadcasts_queued": len(self._broadcasts),
-            "awareness": self._awareness.score,
+            "awareness": self._prober.awareness.score,
             "incarnation": self._incarnation,
         }
 
@@ -432,9 +380,7 @@ class GossipNode:
     async def _async_shutdown(self) -> None:
         self._running = False
         await self._tasks.async_stop(self.stop_timeout_s, owner=self)
-        for waiter in self._acks.values():
-            waiter.future.cancel()
-        self._acks.clear()
+        self._prober.cancel_waiters()
         await self._transport.async_stop()
 
     def _emit(self, kind: EventKind, m: Member) -> None:
@@ -466,9 +412,8 @@ class GossipNode:
         self._broadcasts.queue(self.node_id, encode_message(Alive(record)))
 
     def _refute(self, incarnation: int) -> None:
-        # Lifeguard: being suspected hints we are slow; raise our own awareness.
         self._incarnation = max(self._incarnation + 1, incarnation)
-        self._awareness = self._awareness.apply(1)
+        self._prober.on_refute()
         self._counters.refutations += 1
         self._set_local_record()
         log.info("mesh_refuted", node=self.node_id, incarnation=self._incarnation)
@@ -480,15 +425,8 @@ class GossipNode:
 
     def _send(self, addr: Addr, msgs: list[Message], *, piggyback: bool = True) -> None:
         parts = [encode_message(m) for m in msgs]
-        budget = (
-            const.MAX_UDP_PACKET_BYTES
-            - const.ENVELOPE_OVERHEAD_BYTES
-            - COMPOUND_FIXED_OVERHEAD_BYTES
-            - sum(compound_overhead(len(p)) for p in parts)
-        )
-        if piggyback and budget > 0:
-            limit = retransmit_limit(self.timing.retransmit_mult, self._n_live())
-            parts.extend(self._broadcasts.take(budget, limit))
+        if piggyback:
+            self._broadcasts.piggyback(parts)
         if not parts:
             return
         self._send_raw(addr, encode_compound(parts))
@@ -532,20 +470,15 @@ class GossipNode:
 
     def _handle(self, msg: Message, addr: Addr) -> None:
         if isinstance(msg, Ping):
-            if msg.target == self.node_id:
-                self._send(addr, [Ack(msg.seq)])
+            self._prober.on_ping(msg, addr)
         elif isinstance(msg, Ack):
-            waiter = self._acks.get(msg.seq)
-            if waiter is not None and not waiter.future.done():
-                waiter.future.set_result(None)
+            self._prober.on_ack(msg)
         elif isinstance(msg, Nack):
-            nwaiter = self._acks.get(msg.seq)
-            if nwaiter is not None:
-                nwaiter.nacks += 1
+            self._prober.on_nack(msg)
         elif isinstance(msg, IndirectPing):
             if self._tasks.count(INDIRECT_TASK, owner=self) >= const.MAX_PENDING_INDIRECT:
                 raise DropError("queue_full", "too many indirect probes")
-            self._tasks.spawn_once(INDIRECT_TASK, self._async_indirect(msg, addr), owner=self)
+            self._tasks.spawn_once(INDIRECT_TASK, self._prober.async_indirect(msg, addr), owner=self)
         elif isinstance(msg, Alive):
             self._apply_alive(msg.record)
         elif isinstance(msg, Suspect):
@@ -568,7 +501,7 @@ class GossipNode:
                 self._refute(d.refute)
             return
         if d.stop_suspicion:
-            self._suspicions.pop(node, None)
+            self._prober.stop_suspicion(node)
         if d.member is not None:
             self._members[node] = d.member
         if d.rebroadcast:
@@ -599,28 +532,11 @@ class GossipNode:
         if d.ignored:
             return
         if d.confirm:
-            s = self._suspicions.get(msg.node)
-            if s is not None and s.incarnation == msg.incarnation and s.confirm(msg.source):
+            if self._prober.confirm_suspicion(msg):
                 self._broadcasts.queue(msg.node, encode_message(msg))
             return
         if d.start_suspicion:
-            n = self._n_live()
-            min_s, max_s = suspicion_bounds(
-                suspicion_mult=self.timing.suspicion_mult,
-                max_timeout_mult=self.timing.suspicion_max_timeout_mult,
-                n_members=n,
-                probe_interval_s=self.timing.probe_interval_s,
-            )
-            k = expected_confirmations(suspicion_mult=self.timing.suspicion_mult, n_members=n)
-            self._suspicions[msg.node] = Suspicion(
-                node=msg.node,
-                incarnation=msg.incarnation,
-                origin=msg.source,
-                started_at=self._now(),
-                k=k,
-                min_s=min_s,
-                max_s=max_s,
-            )
+            self._prober.start_suspicion(msg, n_live=self._n_live(), now=self._now())
             log.info("mesh_member_suspect", node=self.node_id, member=msg.node, source=msg.source, incarnation=msg.incarnation)
         self._commit(d, msg.node, msg)
 
@@ -663,88 +579,25 @@ class GossipNode:
         if not d.ignored:
             self._commit(d, msg.node, msg)
 
-    # --- probing -----------------------------------------------------------------------------
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) % (const.MAX_SEQ + 1)
-        return self._seq
-
-    def _register_ack(self, seq: int) -> _AckWaiter:
-        waiter = _AckWaiter(asyncio.get_running_loop().create_future())
-        self._acks[seq] = waiter
-        return waiter
+    # --- loops ------------------------------------------------------------------------------
 
     async def _async_probe_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            interval = self._awareness.scale(self.timing.probe_interval_s)
+            interval = self._prober.interval_s()
             await self._async_probe_round(started + interval)
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
     async def _async_probe_round(self, deadline: float) -> None:
-        target = self._probe_order.next(self._members, self.node_id, self._rng)
-        if target is None:
+        silent = await self._prober.async_probe(self._members, deadline)
+        if silent is None:
             return
-        self._counters.probes += 1
-        seq = self._next_seq()
-        waiter = self._register_ack(seq)
-        loop = asyncio.get_running_loop()
-        helpers: list[Member] = []
-        try:
-            msgs: list[Message] = [Ping(seq, target.node_id)]
-            if target.state is MemberState.SUSPECT:
-                # Lifeguard buddy system: tell a suspect directly so it can refute in time.
-                msgs.append(Suspect(target.node_id, target.incarnation, self.node_id))
-            self._send(target.addr, msgs)
-            timeout = self._awareness.scale(self.timing.probe_timeout_s)
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(waiter.future)
-            except TimeoutError:
-                pool = [
-                    m
-                    for m in live_others(self._members.values(), self.node_id)
-                    if m.node_id != target.node_id and m.state is MemberState.ALIVE
-                ]
-                helpers = self._rng.sample(pool, min(self.timing.indirect_checks, len(pool)))
-                for h in helpers:
-                    self._send(h.addr, [IndirectPing(seq, target.node_id, target.addr, True)])
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        await asyncio.shield(waiter.future)
-        finally:
-            self._acks.pop(seq, None)
-        acked = waiter.future.done() and not waiter.future.cancelled()
-        self._awareness = self._awareness.apply(probe_delta(acked=acked, expected_nacks=len(helpers), nacks=waiter.nacks))
-        if acked:
-            return
-        if not waiter.future.done():
-            waiter.future.cancel()
-        self._counters.probe_failures += 1
-        cur = self._members.get(target.node_id)
+        cur = self._members.get(silent.node_id)
         # As memberlist's suspectNode: a failed probe of a member already suspect is one more independent
         # confirmation, which shortens its Lifeguard suspicion timeout (Lifeguard §IV-B).
         if cur is not None and cur.state in (MemberState.ALIVE, MemberState.SUSPECT):
             self._apply_suspect(Suspect(cur.node_id, cur.incarnation, self.node_id))
-
-    async def _async_indirect(self, req: IndirectPing, requester: Addr) -> None:
-        seq = self._next_seq()
-        waiter = self._register_ack(seq)
-        try:
-            self._send(req.target_addr, [Ping(seq, req.target)])
-            try:
-                async with asyncio.timeout(self.timing.probe_timeout_s):
-                    await waiter.future
-            except TimeoutError:
-                if req.nack:
-                    self._send(requester, [Nack(req.seq)])
-                return
-            self._send(requester, [Ack(req.seq)])
-        finally:
-            self._acks.pop(seq, None)
-
-    # --- gossip ------------------------------------------------------------------------------
 
     async def _async_gossip_loop(self) -> None:
         while True:
@@ -762,67 +615,22 @@ class GossipNode:
             gossip_to_dead_s=self.timing.gossip_to_dead_s,
             rng=self._rng,
         )
-        budget = const.MAX_UDP_PACKET_BYTES - const.ENVELOPE_OVERHEAD_BYTES - COMPOUND_FIXED_OVERHEAD_BYTES
-        limit = retransmit_limit(self.timing.retransmit_mult, self._n_live())
+        budget = packet_budget()
+        limit = self._broadcasts.transmit_limit()
         for m in targets:
             parts = self._broadcasts.take(budget, limit)
             if not parts:
                 break
             self._send_raw(m.addr, encode_compound(parts))
 
-    # --- push-pull ---------------------------------------------------------------------------
-
-    def _local_push_pull(self, join: bool) -> PushPull:
-        entries = tuple(
-            PushPullEntry(record=m.record, state=m.state, incarnation=m.incarnation, leave_signature=m.leave_signature)
-            for m in self._members.values()
-        )
-        return PushPull(join=join, entries=entries)
-
-    def _seal_frame(self, msg: Message) -> bytes:
-        return self._cipher.seal(encode_message(msg), max_bytes=const.MAX_TCP_FRAME_BYTES)
-
-    def _open_frame(self, frame: bytes) -> PushPull:
-        plaintext = self._cipher.open(frame, max_bytes=const.MAX_TCP_FRAME_BYTES)
-        msgs = decode_messages(plaintext, max_bytes=const.MAX_TCP_FRAME_BYTES)
-        if len(msgs) != 1 or not isinstance(msgs[0], PushPull):
-            raise DropError("malformed", "stream frame is not a push-pull")
-        return msgs[0]
+    # --- push-pull ----------------------------------------------------------------------------
 
     async def _async_push_pull(self, addr: Addr, *, join: bool) -> None:
         """Exchange full state with the node at `addr`; raise MeshError on failure."""
-        try:
-            async with asyncio.timeout(self.timing.stream_timeout_s):
-                stream = await self._transport.async_open_stream(addr)
-                try:
-                    await stream.async_write_frame(self._seal_frame(self._local_push_pull(join)))
-                    remote = self._open_frame(await stream.async_read_frame(const.MAX_TCP_FRAME_BYTES))
-                finally:
-                    await stream.async_close()
-        except DropError as err:
-            self._counters.push_pulls_failed += 1
-            self._drops.record(err.reason, f"{addr[0]}:{addr[1]}", str(err))
-            raise MeshError(f"push-pull rejected: {err.reason}") from err
-        except (MeshError, TimeoutError) as err:
-            self._counters.push_pulls_failed += 1
-            raise MeshError(f"push-pull with {addr[0]}:{addr[1]} failed") from err
-        self._counters.push_pulls_ok += 1
-        self._merge(remote, addr)
+        await self._anti_entropy.async_push_pull(self._cipher, addr, join=join)
 
     async def _async_on_stream(self, stream: Stream) -> None:
-        peer = f"{stream.peer[0]}:{stream.peer[1]}"
-        try:
-            async with asyncio.timeout(self.timing.stream_timeout_s):
-                remote = self._open_frame(await stream.async_read_frame(const.MAX_TCP_FRAME_BYTES))
-                # Merge before answering so our reply already carries refutations.
-                self._merge(remote, stream.peer)
-                await stream.async_write_frame(self._seal_frame(self._local_push_pull(False)))
-        except DropError as err:
-            self._drops.record(err.reason, peer, str(err))
-        except WireError as err:
-            self._drops.record("malformed", peer, str(err))
-        except (MeshError, TimeoutError) as err:
-            log.debug("mesh_stream_failed", peer=peer, error=repr(err))
+        await self._anti_entropy.async_answer(self._cipher, stream)
 
     def _merge(self, remote: PushPull, addr: Addr) -> None:
         """Apply a remote full state (memberlist mergeState semantics)."""
@@ -863,12 +671,10 @@ class GossipNode:
 
     def _timer_round(self) -> None:
         now = self._now()
-        for node, s in list(self._suspicions.items()):
-            if now >= s.deadline():
-                self._suspicions.pop(node, None)
-                cur = self._members.get(node)
-                if cur is not None and cur.state is MemberState.SUSPECT:
-                    self._apply_dead(Dead(node, cur.incarnation, self.node_id))
+        for node in self._prober.expired_suspicions(now):
+            cur = self._members.get(node)
+            if cur is not None and cur.state is MemberState.SUSPECT:
+                self._apply_dead(Dead(node, cur.incarnation, self.node_id))
         for node in reapable(self._members.values(), now=now, reap_after_s=self.timing.reap_after_s):
             if node != self.node_id:
                 del self._members[node]

@@ -10,45 +10,35 @@ generation requests to the best node (see scheduler.py), signed with this node's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import importlib
 import ipaddress
-import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-import psutil
 import structlog
-from aiohttp import web
 
 from mongarsd import __version__
 from mongarsd.const import PERSONA_MODEL_ID
-from mongarsd.errors import ConfigError, MeshError, WireError
+from mongarsd.errors import AuthError, ConfigError, MeshError, WireError
 from mongarsd.mesh import const
-from mongarsd.mesh.breaker import BreakerBoard, BreakerState
-from mongarsd.mesh.forward import (
-    H_SIG,
-    ClientGone,
-    PeerFailure,
-    RequestVerifier,
-    StreamBroken,
-    async_relay,
-    sign_headers,
-)
+from mongarsd.mesh.breaker import BreakerBoard, BreakerState, CircuitBreaker
+from mongarsd.mesh.forward import H_SIG, RequestVerifier, VerifiedPeer, sign_headers
 from mongarsd.mesh.gossip import PRESETS, GossipNode, MemberView
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.interfaces import async_select_host_interfaces
 from mongarsd.mesh.keyring import Keyring, key_id
+from mongarsd.mesh.local import LocalStats, fit_state, read_temperature
 from mongarsd.mesh.membership import EventKind
 from mongarsd.mesh.peers import PeerStore, StaticPeer, url_host_port
 from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank
-from mongarsd.mesh.state import encode_state
 from mongarsd.mesh.transport import UdpTcpTransport, free_port
 from mongarsd.mesh.wire import Addr
-from mongarsd.principal import PRINCIPAL, Principal
 from mongarsd.supervisor import TaskSupervisor
 
 if TYPE_CHECKING:
@@ -69,9 +59,16 @@ INBOX_MAX: Final = 64
 MAX_JOIN_TASKS: Final = 32
 MAX_MODEL_IDS: Final = 16
 THROTTLE_FALLBACK_C: Final = 80.0
-REQ_HOPS: Final = web.RequestKey("mongarsd_mesh_hops", int)
-REQ_SENDER: Final = web.RequestKey("mongarsd_mesh_sender", str)
 ALIVE_STATES: Final = frozenset({"alive", "suspect"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerRoute:
+    """A peer to try for a forwarded request: its API base URL and its circuit breaker."""
+
+    node_id: str
+    base_url: str
+    breaker: CircuitBreaker
 
 
 def mesh_dir(state_dir: Path) -> Path:
@@ -89,105 +86,6 @@ def _file_stamp(path: Path) -> tuple[int, int] | None:
 
 def keyring_path(state_dir: Path) -> Path:
     return mesh_dir(state_dir) / KEYRING_FILE
-
-
-def read_temperature() -> tuple[float | None, bool]:
-    """Return (hottest sensor °C, throttled) from psutil when the platform has sensors (blocking; thread)."""
-    read = getattr(psutil, "sensors_temperatures", None)
-    if read is None:
-        return None, False
-    try:
-        sensors = read()
-    except (OSError, RuntimeError):  # unreadable sysfs entries on some boards
-        return None, False
-    hottest: float | None = None
-    throttled = False
-    for entries in sensors.values():
-        for e in entries:
-            if e.current is None or not math.isfinite(e.current):
-                continue
-            hottest = e.current if hottest is None else max(hottest, e.current)
-            limit = e.high if e.high else THROTTLE_FALLBACK_C
-            throttled = throttled or e.current >= limit
-    return hottest, throttled
-
-
-def fit_state(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop available-model ids until the state encodes within the gossip cap (pure)."""
-    out = dict(state)
-    while True:
-        try:
-            encode_state(out)
-            return out
-        except WireError:
-            avail = list(out.get("models_available") or [])
-            if avail:
-                out["models_available"] = avail[:-1]
-                continue
-            loaded = list(out.get("models_loaded") or [])
-            if loaded:
-                out["models_loaded"] = loaded[:-1]
-                continue
-            raise
-
-
-class _LocalStats:
-    """Live load of this node from the InferenceManager, with a tokens/s EWMA (loop-only)."""
-
-    def __init__(self, llm: Any, slots_default: int) -> None:
-        self._llm = llm
-        self._slots_default = max(1, slots_default)
-        self._last: tuple[float, float] | None = None  # (tokens, seconds) totals
-        self.tokens_per_s = 0.0
-        self.available: list[str] = []
-
-    def _engine_totals(self) -> tuple[float, float]:
-        tokens = seconds = 0.0
-        # The manager has no public per-engine counters yet; read them defensively.
-        for lm in list(getattr(self._llm, "_models", {}).values()):
-            engine = getattr(lm, "engine", None)
-            if engine is None:
-                continue
-            stats = engine.stats()
-            tokens += float(stats.tokens_predicted_total)
-            seconds += float(stats.tokens_predicted_seconds_total)
-        return tokens, seconds
-
-    def sample_rate(self) -> None:
-        """Fold the decode rate since the last sample into the EWMA."""
-        if self._llm is None:
-            return
-        totals = self._engine_totals()
-        if self._last is not None:
-            dt, ds = totals[0] - self._last[0], totals[1] - self._last[1]
-            if dt > 0 and ds > 0:
-                rate = dt / ds
-                self.tokens_per_s = (
-                    rate if self.tokens_per_s <= 0 else (1 - TOKENS_EWMA_ALPHA) * self.tokens_per_s + TOKENS_EWMA_ALPHA * rate
-                )
-        elif totals[0] > 0 and totals[1] > 0:
-            self.tokens_per_s = totals[0] / totals[1]
-        self._last = totals
-
-    def snapshot(self) -> dict[str, Any]:
-        """Return loaded models, slots and queue right now."""
-        loaded: list[str] = []
-        slots_total = slots_busy = deferred = 0
-        if self._llm is not None:
-            for info in self._llm.loaded():
-                loaded.append(info.entry.id)
-                slots_total += int(info.slots_total)
-                slots_busy += int(info.slots_busy)
-                deferred += int(info.requests_deferred)
-        if not loaded:
-            slots_total = self._slots_default
-        return {
-            "models_loaded": loaded,
-            "models_available": list(self.available),
-            "slots_total": slots_total,
-            "slots_free": max(0, slots_total - slots_busy),
-            "queue_depth": deferred,
-        }
 
 
 class MeshService:
@@ -209,8 +107,13 @@ class MeshService:
         api_port: int | None = None,
         version: str = __version__,
         tasks: TaskSupervisor | None = None,
+        defer_discovery: bool = False,
     ) -> None:
         self._cfg = config
+        # The daemon advertises over mDNS only once its API listens (MdnsService); tools and tests
+        # that run the mesh alone let async_start do it.
+        self._defer_discovery = defer_discovery
+        self._discovery_started = False
         self._mcfg = config.mesh
         self._board = board
         self._llm = llm
@@ -227,7 +130,7 @@ class MeshService:
         self._session: aiohttp.ClientSession | None = None
         self._verifier: RequestVerifier | None = None
         self.breakers = BreakerBoard()
-        self._local = _LocalStats(llm, int(getattr(config.inference, "slots", 4)))
+        self._local = LocalStats(llm, int(getattr(config.inference, "slots", 4)))
         # Shared with the gossip node and discovery we build; each cancels only its own tasks on stop.
         self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._pending: Counter[str] = Counter()
@@ -355,25 +258,18 @@ class MeshService:
             "ck": self.keyring.primary_key_id.hex() if self.keyring is not None and self.running else None,
         }
 
-    # --- auth hook ----------------------------------------------------------------------------
+    # --- signed requests (the API checks them first, see api/forwarding.py) ---------------------
 
-    async def async_authenticate(self, request: web.Request) -> Principal | None:
-        """Return the peer principal of a node-signed request, None if unsigned; AuthError if bad.
+    @staticmethod
+    def is_signed(headers: Mapping[str, str]) -> bool:
+        return H_SIG in headers
 
-        The lead calls this first in middlewares `_authenticate`.
-        """
-        if H_SIG not in request.headers:
-            return None
+    def verify_signed(self, *, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> VerifiedPeer:
+        """Check a node-signed request against live membership; AuthError if it fails."""
         verifier = self._verifier
         if verifier is None or not self.running:
-            from mongarsd.errors import AuthError
-
             raise AuthError("peer-signed request, but this node is not in a mesh")
-        body = await request.read()
-        peer = verifier.verify(method=request.method, path_qs=request.path_qs, headers=request.headers, body=body)
-        request[REQ_HOPS] = peer.hops
-        request[REQ_SENDER] = peer.node_id
-        return Principal(user=peer.user, role="peer", token_id=f"peer:{peer.node_id}", loopback=False)
+        return verifier.verify(method=method, path_qs=path_qs, headers=headers, body=body)
 
     # --- forwarding ---------------------------------------------------------------------------
 
@@ -396,86 +292,46 @@ class MeshService:
         )
         return [r.node for r in ranked]
 
-    async def async_maybe_forward(
-        self, request: web.Request, body: dict[str, Any], *, model: str, stream: bool
-    ) -> web.StreamResponse | None:
-        """Serve the request on a better peer and return its response, or None to run it here."""
+    def forward_routes(self, *, model: str, hops: int, sender: str | None, body: Mapping[str, Any]) -> list[PeerRoute]:
+        """Peers worth trying before serving here, best first; empty when this node should serve."""
         if not self.running or self._session is None or self.identity is None or model == PERSONA_MODEL_ID:
-            return None
-        principal = request.get(PRINCIPAL)
-        if not isinstance(principal, Principal):
-            return None
-        hops = request.get(REQ_HOPS, 0)
-        sender = request.get(REQ_SENDER)
+            return []
         order = self.plan(model=model, hops=hops, exclude=[sender] if sender else [], expected_tokens=expected_tokens_of(body))
-        if order[0].local:
-            return None
-        raw = await request.read()
+        routes: list[PeerRoute] = []
         for node in order:
             if node.local:
-                break  # the peers worth trying failed; run here
-            resp = await self._async_try_peer(request, node.node_id, raw, hops=hops, user=principal.user, stream=stream)
-            if resp is not None:
-                return resp
-        self.counters["forward_fallback_local"] += 1
-        return None
+                break  # the peers worth trying come first; after them, this node serves
+            member = self.gossip.member(node.node_id) if self.gossip is not None else None
+            if member is None or member.state != "alive":
+                continue
+            host, port = member.meta.get("api_host"), member.meta.get("api_port")
+            if not isinstance(host, str) or not isinstance(port, int):
+                continue
+            url_host = f"[{host}]" if ":" in host else host
+            routes.append(PeerRoute(node.node_id, f"http://{url_host}:{port}", self.breakers.get(node.node_id)))
+        return routes
 
-    async def _async_try_peer(
-        self, request: web.Request, node_id: str, raw: bytes, *, hops: int, user: str, stream: bool
-    ) -> web.StreamResponse | None:
-        member = self.gossip.member(node_id) if self.gossip is not None else None
-        if member is None or member.state != "alive" or self._session is None or self.identity is None:
-            return None
-        host, port = member.meta.get("api_host"), member.meta.get("api_port")
-        if not isinstance(host, str) or not isinstance(port, int):
-            return None
-        breaker = self.breakers.get(node_id)
-        if not breaker.allow():
-            return None
-        url_host = f"[{host}]" if ":" in host else host
-        url = f"http://{url_host}:{port}{request.path_qs}"
-        headers = sign_headers(
-            self.identity, target=node_id, method=request.method, path_qs=request.path_qs, body=raw, hops=hops + 1, user=user
-        )
+    @property
+    def http_session(self) -> aiohttp.ClientSession | None:
+        """The client session for talking to peers (None outside the mesh)."""
+        return self._session
+
+    def sign_forward(self, node_id: str, *, method: str, path_qs: str, body: bytes, hops: int, user: str) -> dict[str, str]:
+        """Headers that prove this node sends the request (Ed25519 over method, path, body, hops, user)."""
+        if self.identity is None:
+            raise MeshError("this node has no identity yet")
+        return sign_headers(self.identity, target=node_id, method=method, path_qs=path_qs, body=body, hops=hops, user=user)
+
+    @contextlib.contextmanager
+    def track_forward(self, node_id: str) -> Iterator[None]:
+        """Count a request in flight to a peer, so the scheduler sees its load before gossip does."""
         self._pending[node_id] += 1
-        t0 = time.monotonic()
         try:
-            resp = await async_relay(self._session, url=url, request=request, body=raw, headers=headers, stream=stream)
-        except PeerFailure as err:
-            if err.breaker:
-                breaker.record_failure()
-            else:
-                breaker.record_success()  # it answered: alive, merely unable to take this one
-            self.forward_failures[err.reason.split(":")[0].split(" ")[0]] += 1
-            log.warning("mesh_forward_failed", peer=node_id, addr=f"{host}:{port}", reason=err.reason, breaker=breaker.state.value)
-            return None
-        except StreamBroken as err:
-            breaker.record_failure()
-            self.forward_failures["mid_stream"] += 1
-            log.warning("mesh_forward_broken_mid_stream", peer=node_id, addr=f"{host}:{port}", reason=err.reason)
-            return err.response
-        except ClientGone:
-            breaker.record_success()
-            self.counters["forward_client_gone"] += 1
-            raise ConnectionResetError("client went away during a forwarded stream") from None
-        except BaseException:
-            breaker.release()
-            raise
+            yield
         finally:
             self._pending[node_id] -= 1
             if self._pending[node_id] <= 0:
                 del self._pending[node_id]
-        breaker.record_success()
-        self.forwards[node_id] += 1
-        log.info(
-            "mesh_forwarded",
-            peer=node_id,
-            path=request.path,
-            stream=stream,
-            status=resp.status,
-            elapsed_ms=round((time.monotonic() - t0) * 1000, 1),
-        )
-        return resp
 
     # --- messages -----------------------------------------------------------------------------
 
@@ -548,7 +404,9 @@ class MeshService:
         self._verifier = RequestVerifier(local_node_id=self.identity.node_id, public_key_of=self._public_key_of)
         self._session = aiohttp.ClientSession()
         if mcfg.mdns or mcfg.seeds:
-            # zeroconf is imported only when the mesh runs: a lone board does not pay for it.
+            # zeroconf is imported only when the mesh runs (a lone board does not pay for it), and
+            # off the loop: an import reads files
+            await asyncio.to_thread(importlib.import_module, "mongarsd.mesh.discovery")
             from mongarsd.mesh.discovery import Discovery, ServiceProps
 
             props = ServiceProps(
@@ -571,7 +429,8 @@ class MeshService:
                 mdns=bool(mcfg.mdns),
                 tasks=self._tasks,
             )
-            await self.discovery.async_start()
+            if not self._defer_discovery:
+                await self.async_start_discovery()
         keyring_file = keyring_path(self._state_dir)
         for name, loop in (
             ("mesh-keyring-watch", lambda: self._async_keyring_watch_loop(keyring_file)),
@@ -608,13 +467,24 @@ class MeshService:
             pass  # a host name: publish it as is
         return host
 
-    async def _async_stop_protocols(self) -> None:
-        if self.discovery is not None:
-            disc, self.discovery = self.discovery, None
+    async def async_start_discovery(self) -> None:
+        """Advertise this node over mDNS and browse for peers (the daemon does it once the API listens)."""
+        if self.discovery is not None and not self._discovery_started:
+            await self.discovery.async_start()
+            self._discovery_started = True
+
+    async def async_stop_discovery(self) -> None:
+        """Withdraw the mDNS advertisement (the daemon does it before the API drains); idempotent."""
+        disc, self.discovery = self.discovery, None
+        started, self._discovery_started = self._discovery_started, False
+        if disc is not None and started:
             try:
                 await disc.async_stop()
             except (MeshError, OSError) as err:  # keep stopping the rest
                 log.warning("mesh_discovery_stop_failed", error=str(err))
+
+    async def _async_stop_protocols(self) -> None:
+        await self.async_stop_discovery()
         if self.gossip is not None:
             await self.gossip.async_stop()
 

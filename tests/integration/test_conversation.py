@@ -22,6 +22,7 @@ from mongarsd.config import AuthConfig, Config, LoadedConfig
 from mongarsd.inference.embed import Embedder
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.sampling import SamplingSpec
+from mongarsd.inference.settings import EngineSettings
 from mongarsd.memory.db import Database
 from mongarsd.memory.hippocampus import Hippocampus
 from mongarsd.memory.tokens import TokenStore
@@ -60,7 +61,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     await emb.async_embed(["warm up the worker thread"])
     hippo = Hippocampus(db=db, embedder=emb)
     await hippo.async_start()
-    engine = LlamaEngine(model_path=MODEL, n_ctx=2048, n_batch=256, n_ubatch=256, slots=2, queue_depth=8)
+    engine = LlamaEngine(model_path=MODEL, settings=EngineSettings(n_ctx=2048, n_batch=256, n_ubatch=256, slots=2, queue_depth=8))
     await engine.async_start()
     pipeline = ConversationPipeline(hippocampus=hippo, llm=engine, recall_k=5, history_turns=4, max_message_chars=32000)
     tokens = TokenStore(db=db)

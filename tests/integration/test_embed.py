@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 from collections.abc import Iterator
@@ -214,7 +215,7 @@ async def test_lazy_load_without_preload(model_dir: Path) -> None:
     await emb.async_start()
     try:
         assert not emb.loaded
-        assert emb.count_tokens(["hello world"]) == [4]  # [CLS] hello world [SEP]
+        assert await emb.async_count_tokens(["hello world"]) == [4]  # [CLS] hello world [SEP]
         out = await emb.async_embed(["hello world"])
         assert emb.loaded
         assert out.shape == (1, 384)
@@ -223,7 +224,7 @@ async def test_lazy_load_without_preload(model_dir: Path) -> None:
 
 
 async def test_count_tokens_truncates_like_the_model(embedder: Embedder) -> None:
-    counts = embedder.count_tokens(["hi", "word " * 1000])
+    counts = await embedder.async_count_tokens(["hi", "word " * 1000])
     assert counts == [3, 256]
 
 
@@ -244,14 +245,14 @@ async def test_missing_model_dir_is_unavailable(tmp_path: Path) -> None:
         with pytest.raises(EmbedderUnavailableError, match="missing"):
             await emb.async_embed(["hello"])
         with pytest.raises(EmbedderUnavailableError):
-            emb.count_tokens(["hello"])
+            await emb.async_count_tokens(["hello"])
         assert emb.last_error is not None
     finally:
         await emb.async_stop()
 
 
 async def test_corrupt_model_file_is_unavailable(broken_dir: Path) -> None:
-    (broken_dir / "model.int8.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    await asyncio.to_thread((broken_dir / "model.int8.onnx").write_bytes, b"\x08\x07garbage" * 100)
     emb = Embedder(model_dir=broken_dir)
     await emb.async_start()
     try:
@@ -265,7 +266,7 @@ async def test_missing_variant_file_is_unavailable(broken_dir: Path) -> None:
     emb = Embedder(model_dir=broken_dir, variant="fp32")
     await emb.async_start()
     try:
-        assert emb.count_tokens(["hi"]) == [3]  # tokenizer is fine
+        assert await emb.async_count_tokens(["hi"]) == [3]  # tokenizer is fine
         with pytest.raises(EmbedderUnavailableError, match=r"model\.onnx is missing"):
             await emb.async_embed(["hello"])
     finally:

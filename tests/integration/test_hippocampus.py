@@ -7,6 +7,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,12 +121,17 @@ async def test_history_in_order_per_session_and_user(hippo: Hippocampus) -> None
 
 async def test_turn_is_committed_when_store_returns(hippo: Hippocampus, db: Database) -> None:
     turn = await hippo.async_store_turn("alice", "s9", "Remember that my locker code is 4521.", "Noted.")
-    conn = sqlite3.connect(db.path)  # an independent connection sees the committed rows at once
-    try:
-        rows = conn.execute("SELECT role, content FROM messages WHERE user = 'alice' AND session_id = 's9' ORDER BY id").fetchall()
-        mem = conn.execute("SELECT text, length(embedding) FROM memories WHERE id = ?", (turn.memory_id,)).fetchone()
-    finally:
-        conn.close()
+
+    def read_back() -> tuple[list[Any], Any]:
+        conn = sqlite3.connect(db.path)  # an independent connection sees the committed rows at once
+        try:
+            rows = conn.execute("SELECT role, content FROM messages WHERE user = 'alice' AND session_id = 's9' ORDER BY id").fetchall()
+            mem = conn.execute("SELECT text, length(embedding) FROM memories WHERE id = ?", (turn.memory_id,)).fetchone()
+        finally:
+            conn.close()
+        return rows, mem
+
+    rows, mem = await asyncio.to_thread(read_back)
     assert rows == [("user", "Remember that my locker code is 4521."), ("assistant", "Noted.")]
     assert mem == ("Remember that my locker code is 4521.", 384 * 4)
 

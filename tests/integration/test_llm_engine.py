@@ -12,8 +12,10 @@ import pytest
 import pytest_asyncio
 
 from mongarsd.errors import ContextOverflowError, InferenceError, OverloadedError, ValidationError
-from mongarsd.inference.llm import LlamaEngine, TokenEvent
+from mongarsd.inference.events import TokenEvent
+from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.sampling import GenerationParams
+from mongarsd.inference.settings import EngineSettings
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
@@ -28,7 +30,6 @@ pytestmark = [
 
 def make_engine(**kw: object) -> LlamaEngine:
     args: dict[str, object] = {
-        "model_path": MODEL,
         "n_ctx": 1024,
         "n_batch": 256,
         "n_ubatch": 256,
@@ -37,7 +38,7 @@ def make_engine(**kw: object) -> LlamaEngine:
         "queue_depth": QUEUE_DEPTH,
     }
     args.update(kw)
-    return LlamaEngine(**args)  # type: ignore[arg-type]
+    return LlamaEngine(model_path=MODEL, settings=EngineSettings(**args))  # type: ignore[arg-type]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -82,6 +82,7 @@ async def test_oversized_tcp_frame_is_refused_before_reading() -> None:
         await writer.wait_closed()
         assert node.metrics()["drops"].get("too_large", 0) == 1
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)  # one small datagram on loopback: never EAGAIN, and never blocks the loop
             s.sendto(b"\x01" * 100, node.addr)
         await wait_until(lambda: node.metrics()["drops"].get("unknown_key", 0) == 1, 2.0)
     finally:

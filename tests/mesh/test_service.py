@@ -23,6 +23,7 @@ from aiohttp import web
 from mongarsd.api import peers as peer_routes
 from mongarsd.api.app import CTX, AppContext, create_app
 from mongarsd.api.auth import PRINCIPAL
+from mongarsd.api.forwarding import REQ_HOPS, REQ_SENDER, async_authenticate_peer, async_maybe_forward
 from mongarsd.board import BoardInfo
 from mongarsd.config import Config, LoadedConfig, MeshConfig, ServerConfig
 from mongarsd.errors import AuthError, ConfigError, ValidationError
@@ -33,7 +34,7 @@ from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.keyring import Keyring, generate_key, key_id
 from mongarsd.mesh.peers import normalize_peer_url
 from mongarsd.mesh.security import SenderWindow
-from mongarsd.mesh.service import REQ_HOPS, REQ_SENDER, MeshService, keyring_path
+from mongarsd.mesh.service import MeshService, keyring_path
 from mongarsd.mesh.transport import free_port
 from mongarsd.metrics import Metrics
 from tests.mesh.cluster import wait_until
@@ -267,8 +268,8 @@ async def fake_generation(request: web.Request) -> web.StreamResponse:
     """Stand-in for the OpenAI handler: the mesh hook first, then a local answer."""
     ctx = request.app[CTX]
     body = json.loads(await request.read())
-    resp: web.StreamResponse | None = await ctx.mesh.async_maybe_forward(
-        request, body, model=body["model"], stream=bool(body.get("stream"))
+    resp: web.StreamResponse | None = await async_maybe_forward(
+        request, ctx.mesh, body, model=body["model"], stream=bool(body.get("stream"))
     )
     if resp is not None:
         return resp
@@ -287,14 +288,14 @@ async def fake_generation(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def emulate_auth_hook(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """What middlewares._authenticate does once the lead wires MeshService.async_authenticate.
+    """What middlewares._authenticate does with api.forwarding.async_authenticate_peer.
 
     Innermost here, so it overrides the loopback admin; skipped when the real hook already ran.
     """
     mesh = request.app[CTX].mesh
     if REQ_SENDER not in request:
         try:
-            peer = await mesh.async_authenticate(request)
+            peer = await async_authenticate_peer(request, mesh)
         except AuthError as err:
             return web.json_response({"error": str(err)}, status=401)
         if peer is not None:
@@ -319,7 +320,7 @@ class Node:
 
 async def start_node(tmp: Path, i: int, key: bytes, *, llm: FakeLLM, seeds: tuple[str, ...] = (), enabled: bool = True) -> Node:
     state = tmp / f"n{i}"
-    (state).mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(Keyring(key).save, keyring_path(state))
     api_port = free_port()
     gport = free_port()
@@ -355,7 +356,7 @@ async def start_node(tmp: Path, i: int, key: bytes, *, llm: FakeLLM, seeds: tupl
 
 @pytest_asyncio.fixture
 async def trio(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    (tmp_path / "machine-id").write_text("test-machine\n")
+    await asyncio.to_thread((tmp_path / "machine-id").write_text, "test-machine\n")
     key = generate_key()
     nodes: list[Node] = []
     try:
@@ -392,7 +393,7 @@ async def test_busy_node_forwards_to_idle_peer_with_signed_origin_user(trio: lis
     assert headers[H_SERVED_BY] == b.mesh.node_id
     assert doc == {"node": b.mesh.node_id, "user": "alice", "role": "peer", "hops": 1}
     assert a.mesh.forwards[b.mesh.node_id] == 1
-    metrics = a.mesh._metrics.render().decode()  # type: ignore[union-attr]
+    metrics = (await asyncio.to_thread(a.mesh._metrics.render)).decode()  # type: ignore[union-attr]
     assert f'mongarsd_mesh_forwards_total{{peer="{b.mesh.node_id}"}} 1.0' in metrics
     assert 'mongarsd_mesh_members{state="alive"} 3.0' in metrics
     # The persona id never leaves the node (its memory lives here).
@@ -485,7 +486,7 @@ async def test_register_unregister_and_graceful_leave(trio: list[Node]) -> None:
 
 
 async def test_disabled_mesh_lists_itself_and_stores_peers(tmp_path: Path) -> None:
-    (tmp_path / "machine-id").write_text("m\n")
+    await asyncio.to_thread((tmp_path / "machine-id").write_text, "m\n")
     node = await start_node(tmp_path, 0, generate_key(), llm=FakeLLM(has_model=True, loaded=False), enabled=False)
     try:
         async with aiohttp.ClientSession() as s, s.get(node.url + "/api/v1/peer/list") as resp:
@@ -504,7 +505,7 @@ async def test_disabled_mesh_lists_itself_and_stores_peers(tmp_path: Path) -> No
 
 async def test_enabled_without_keyring_is_a_config_error(tmp_path: Path) -> None:
     cfg = Config(server=ServerConfig(state_dir=tmp_path), mesh=MeshConfig(enabled=True, interfaces=("lo",), mdns=False))
-    (tmp_path / "machine-id").write_text("m\n")
+    await asyncio.to_thread((tmp_path / "machine-id").write_text, "m\n")
     mesh = MeshService(config=cfg, machine_id_path=tmp_path / "machine-id")
     with pytest.raises(ConfigError, match="keys generate"):
         await mesh.async_start()
@@ -513,11 +514,10 @@ async def test_enabled_without_keyring_is_a_config_error(tmp_path: Path) -> None
 
 async def test_identity_is_stable_and_regenerated_with_a_new_machine_id(tmp_path: Path) -> None:
     mid = tmp_path / "machine-id"
-    mid.write_text("one\n")
     cfg = Config(server=ServerConfig(state_dir=tmp_path))
     ids = []
     for content in ("one\n", "one\n", "two\n"):
-        mid.write_text(content)
+        await asyncio.to_thread(mid.write_text, content)
         mesh = MeshService(config=dataclasses.replace(cfg), machine_id_path=mid)
         await mesh.async_start()
         ids.append(mesh.node_id)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from mongarsd.api.messages import check_prompt_chars, normalize_messages, parse_stop
 from mongarsd.api.ollama import parameter_size, parse_chat, parse_format, parse_generate, parse_options
 from mongarsd.api.openai import (
     embed_model_matches,
@@ -14,7 +15,6 @@ from mongarsd.api.openai import (
     parse_embed_input,
     parse_response_format,
 )
-from mongarsd.api.streaming import check_prompt_chars, normalize_messages, parse_stop
 from mongarsd.errors import ContextOverflowError, ValidationError
 from mongarsd.inference.gguf import GGUFInfo
 from mongarsd.inference.manager import Resident, effective_budget_mb, estimate_model_mb, kv_bytes_per_cell, parse_keep_alive, plan_evictions

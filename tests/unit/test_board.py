@@ -20,6 +20,7 @@ from mongarsd.board import (
     recommended_threads,
     split_big_little,
 )
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES
 
 TREES = Path(__file__).resolve().parent.parent / "fixtures" / "boards"
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "configs" / "boards"
@@ -353,7 +354,7 @@ def test_profile_values_are_sane(name: str) -> None:
     assert inf["n_ubatch"] <= inf["n_batch"] <= inf["n_ctx"]
     assert inf["slots"] <= inf["queue_depth"]
     # llama.cpp needs flash attention for a quantized V cache.
-    if inf.get("kv_cache_type", "f16") not in ("f16", "f32"):
+    if KV_CACHE_TYPES[inf.get("kv_cache_type", "f16")].quantized:
         assert inf.get("flash_attn") is True
     gpu = name.startswith("jetson")
     assert (inf.get("gpu_layers", 0) != 0) == gpu

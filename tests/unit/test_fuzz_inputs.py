@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mongarsd.api import ollama, openai
 from mongarsd.api.io import MAX_JSON_DEPTH, get_number, parse_json_text, sanitize_json
-from mongarsd.api.streaming import normalize_messages
+from mongarsd.api.messages import normalize_messages
 from mongarsd.cognition import personality
 from mongarsd.cognition.pipeline import sanitize_message, validate_session_id
 from mongarsd.errors import MongarsError, ValidationError

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mongarsd.errors import ValidationError
 from mongarsd.inference.chat_template import ChatTemplate
+from mongarsd.inference.events import EngineStats
 from mongarsd.inference.grammar import GrammarCompiler
-from mongarsd.inference.llm import (
-    MAX_RETRY_AFTER_S,
-    MIN_RETRY_AFTER_S,
-    EngineStats,
-    SlotCandidate,
-    choose_slot,
-    common_prefix_len,
-    retry_after_s,
-)
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES, kv_cache_types
 from mongarsd.inference.sampling import (
     JSON_GBNF,
     GenerationParams,
@@ -25,6 +20,15 @@ from mongarsd.inference.sampling import (
     Utf8Stream,
     partial_stop_len,
     validate_params,
+)
+from mongarsd.inference.settings import EngineSettings
+from mongarsd.inference.slots import (
+    MAX_RETRY_AFTER_S,
+    MIN_RETRY_AFTER_S,
+    SlotCandidate,
+    choose_slot,
+    common_prefix_len,
+    retry_after_s,
 )
 
 
@@ -217,3 +221,19 @@ def test_engine_stats_metric_names() -> None:
     assert m["llamacpp:requests_deferred"] == 2
     assert m["llamacpp:n_busy_slots_per_decode"] == 2.0
     assert stats.slots_idle == 3
+
+
+def test_kv_cache_v_is_quantized_only_with_flash_attention() -> None:
+    q8, f16, bf16 = KV_CACHE_TYPES["q8_0"], KV_CACHE_TYPES["f16"], KV_CACHE_TYPES["bf16"]
+    assert kv_cache_types("q8_0", flash_attn=False) == (q8, f16)
+    assert kv_cache_types("q8_0", flash_attn=True) == (q8, q8)
+    assert kv_cache_types("bf16", flash_attn=False) == (bf16, bf16)
+
+
+@pytest.mark.parametrize(
+    ("bad", "param"), [({"slots": 0}, "slots"), ({"queue_depth": -1}, "queue_depth"), ({"kv_cache_type": "q3_k"}, "kv_cache_type")]
+)
+def test_engine_settings_refuse_what_the_engine_cannot_run(bad: dict[str, Any], param: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        EngineSettings(**bad)
+    assert exc.value.param == param

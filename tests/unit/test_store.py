@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -27,11 +28,20 @@ async def test_migrates_and_reports_version(tmp_path: Path) -> None:
         await db.async_stop()
 
 
+def _sql(path: Path, statement: str) -> Any:
+    """Run one statement on a fresh connection and return the first column of its first row (blocking)."""
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute(statement).fetchone()
+        conn.commit()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 99")
-    conn.close()
+    await asyncio.to_thread(_sql, path, "PRAGMA user_version = 99")
     db = Database(path=path)
     with pytest.raises(StoreError, match="schema version 99 is newer"):
         await db.async_start()
@@ -39,7 +49,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_corrupt_file_gives_clear_error_with_recovery_path(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    path.write_bytes(b"this is not a database" * 100)
+    await asyncio.to_thread(path.write_bytes, b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"(corrupt|cannot open|not a database).*sqlite3 BROKEN.db .recover"):
         await Database(path=path).async_start()
 
@@ -61,10 +71,8 @@ async def test_concurrent_writes_are_batched_and_one_bad_write_does_not_sink_the
     finally:
         await db.async_stop()
     # Durable: a fresh connection sees every acknowledged write.
-    conn = sqlite3.connect(tmp_path / "m.db")
-    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 49
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    assert await asyncio.to_thread(_sql, tmp_path / "m.db", "SELECT count(*) FROM t") == 49
+    assert await asyncio.to_thread(_sql, tmp_path / "m.db", "PRAGMA integrity_check") == "ok"
 
 
 async def test_tokens_are_hashed_verified_and_revocable(tmp_path: Path) -> None:

@@ -1,0 +1,478 @@
+"""The inference thread: continuous batching over slots with the KV as prefix cache.
+
+Mirrors llama-server's slot loop. One dedicated thread owns the llama.cpp context. Each step
+it puts, into one reused llama_batch, the next token of every generating slot, then prompt
+tokens of prefilling slots up to `n_batch`, calls llama_decode once, and samples every slot
+that produced logits with that request's own sampler chain. New requests join between steps.
+Events go to the event loop with one `call_soon_threadsafe` per step (not per token) into one
+asyncio.Queue per request.
+
+The prefix cache is the KV itself: a slot keeps the tokens of its last request; a new request
+goes to the slot last used by its `cache_key`, else to the idle slot sharing the longest token
+prefix (slots.choose_slot), and only the non-shared suffix is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from mongarsd.errors import InferenceError
+from mongarsd.inference.context import LlamaContext
+from mongarsd.inference.events import FINISH_LENGTH, FINISH_STOP, EngineStats, Timings, TokenEvent
+from mongarsd.inference.sampling import GenerationParams, StopMatcher, Utf8Stream
+from mongarsd.inference.slots import SlotCandidate, choose_slot, common_prefix_len
+
+log = structlog.get_logger("mongarsd.inference.llm")
+
+IDLE_WAIT_S = 1.0
+
+Outbox = list[tuple["Request", TokenEvent | BaseException]]
+
+
+class Request:
+    """One generation, shared by the event loop (consumer) and the inference thread."""
+
+    __slots__ = (
+        "cache_key",
+        "cancelled",
+        "deliver",
+        "finished",
+        "generating",
+        "last_token",
+        "n_cached",
+        "n_decoded",
+        "params",
+        "pos",
+        "prompt",
+        "sampler",
+        "stopper",
+        "t_first",
+        "t_start",
+        "t_submit",
+        "utf8",
+    )
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: GenerationParams,
+        cache_key: str | None,
+        sampler: Any,
+        deliver: Callable[[TokenEvent | BaseException], None],
+    ) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.cache_key = cache_key
+        self.sampler = sampler
+        self.deliver = deliver  # loop-side put_nowait of this request's queue
+        self.cancelled = False  # set by the loop; read by the thread
+        self.finished = False  # set by the thread once the final event is queued
+        self.stopper = StopMatcher(params.stop)
+        self.utf8 = Utf8Stream()
+        self.pos = 0  # next prompt index to decode
+        self.n_cached = 0
+        self.n_decoded = 0
+        self.last_token = -1
+        self.generating = False
+        self.t_submit = time.perf_counter()
+        self.t_start = 0.0
+        self.t_first = 0.0
+
+
+class Slot:
+    """One parallel sequence: its KV stream's tokens and the request using it, if any."""
+
+    __slots__ = ("cache_key", "index", "last_used", "req", "tokens")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.tokens: list[int] = []  # exactly what the KV holds for seq `index`
+        self.cache_key: str | None = None
+        self.last_used = 0
+        self.req: Request | None = None
+
+
+class Batcher:
+    """The slots, the waiting requests and the step loop run by the inference thread.
+
+    `run` is the thread's target; `submit`, `stats`, `avg_request_s` and the `wake`/`stopping`
+    signals are for the event loop; `clear_cache` only once the thread has exited.
+    """
+
+    def __init__(self, llama: LlamaContext, *, slots: int) -> None:
+        self._llama = llama
+        self.model_id = llama.model_id
+        self.n_slots = slots
+        self.slots = [Slot(i) for i in range(slots)]
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake = threading.Event()
+        self.ready = threading.Event()  # set once warmed up (or dead)
+        self.stopping = False
+        self._incoming: deque[Request] = deque()  # mutated only under _in_lock
+        self._in_lock = threading.Lock()
+        self.closed = False  # set under _in_lock when the thread stops taking requests
+        self._use_counter = 0
+
+        # counters (written by the inference thread, read anywhere)
+        self._requests_total = 0
+        self._prompt_tokens_total = 0
+        self._prompt_seconds_total = 0.0
+        self._predicted_total = 0
+        self._predicted_seconds_total = 0.0
+        self._cached_total = 0
+        self._n_decode_total = 0
+        self._n_busy_slots_total = 0
+        self._finished_requests = 0
+        self._finished_seconds = 0.0
+
+    # ------------------------------------------------------------------ loop side
+
+    def submit(self, req: Request) -> bool:
+        """Queue a request unless the thread stopped taking them; on True the thread owns its sampler."""
+        with self._in_lock:
+            closed = self.closed or self.stopping
+            if not closed:
+                self._incoming.append(req)
+        return not closed
+
+    def avg_request_s(self) -> float:
+        """Return the mean time from submission to the end of a request, 0 if none finished."""
+        return self._finished_seconds / self._finished_requests if self._finished_requests else 0.0
+
+    def stats(self, *, requests_rejected: int) -> EngineStats:
+        """Snapshot the counters (safe from any thread)."""
+        busy = sum(1 for s in self.slots if s.req is not None)
+        return EngineStats(
+            slots_total=self.n_slots,
+            slots_busy=busy,
+            requests_processing=busy,
+            requests_deferred=len(self._incoming),
+            requests_total=self._requests_total,
+            requests_rejected=requests_rejected,
+            prompt_tokens_total=self._prompt_tokens_total,
+            prompt_seconds_total=self._prompt_seconds_total,
+            tokens_predicted_total=self._predicted_total,
+            tokens_predicted_seconds_total=self._predicted_seconds_total,
+            cached_tokens_total=self._cached_total,
+            n_decode_total=self._n_decode_total,
+            n_busy_slots_total=self._n_busy_slots_total,
+            kv_cache_tokens=sum(len(s.tokens) for s in self.slots),
+            kv_cache_cells=self._llama.n_cells,
+        )
+
+    def clear_cache(self) -> None:
+        """Forget what the slots' KV streams held (before the context is freed)."""
+        for slot in self.slots:
+            slot.tokens.clear()
+            slot.cache_key = None
+
+    # ------------------------------------------------------------------ inference thread
+
+    def run(self, *, warmup: bool) -> None:
+        """Inference thread main loop: admit, batch, decode, sample, deliver."""
+        slots = self.slots
+        try:
+            if warmup:
+                self._llama.warmup()
+            self.ready.set()
+            while not self.stopping:
+                self.wake.clear()
+                out: Outbox = []
+                self._reap_cancelled()
+                if self._incoming:
+                    self._admit()
+                active = [s for s in slots if s.req is not None]
+                if not active:
+                    self.wake.wait(IDLE_WAIT_S)
+                    continue
+                self._step(active, out)
+                if out:
+                    self._send(out)
+        except BaseException as err:
+            log.exception("llm_thread_crashed", model=self.model_id)
+            self._fail_all(InferenceError("inference thread crashed: " + str(err)))
+            raise
+        finally:
+            self.ready.set()
+            self._fail_all(InferenceError("model " + self.model_id + " stopped"))
+
+    def _send(self, out: Outbox) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(_deliver_all, out)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            for req, _ in out:
+                req.cancelled = True
+
+    def _fail_all(self, err: InferenceError) -> None:
+        out: Outbox = []
+        for slot in self.slots:
+            req = slot.req
+            if req is not None:
+                self._release(slot, req)
+                if not req.cancelled:
+                    out.append((req, InferenceError(str(err))))
+        with self._in_lock:
+            self.closed = True
+            waiting = list(self._incoming)
+            self._incoming.clear()
+        for req in waiting:
+            req.finished = True
+            self._llama.free_sampler(req.sampler)
+            if not req.cancelled:
+                out.append((req, InferenceError(str(err))))
+        if out:
+            self._send(out)
+
+    def _release(self, slot: Slot, req: Request) -> None:
+        """Detach a finished/cancelled request from its slot; its KV stays as prefix cache."""
+        req.finished = True
+        slot.req = None
+        slot.cache_key = req.cache_key
+        self._use_counter += 1
+        slot.last_used = self._use_counter
+        self._llama.free_sampler(req.sampler)
+        req.sampler = None
+
+    def _reap_cancelled(self) -> None:
+        for slot in self.slots:
+            req = slot.req
+            if req is not None and req.cancelled:
+                self._account(req, time.perf_counter())
+                self._release(slot, req)
+        if self._incoming:
+            with self._in_lock:
+                gone = [r for r in self._incoming if r.cancelled]
+                for r in gone:
+                    self._incoming.remove(r)
+            for r in gone:
+                r.finished = True
+                self._llama.free_sampler(r.sampler)
+
+    def _admit(self) -> None:
+        """Move waiting requests into idle slots, FIFO, while their KV reservation fits."""
+        lib = self._llama.lib
+        mem = self._llama.mem
+        while self._incoming:
+            idle = [s for s in self.slots if s.req is None]
+            if not idle:
+                return
+            req = self._incoming[0]
+            cands = [
+                SlotCandidate(
+                    s.index,
+                    s.cache_key,
+                    len(s.tokens),
+                    common_prefix_len(s.tokens, req.prompt),
+                    s.last_used,
+                )
+                for s in idle
+            ]
+            index = choose_slot(cands, req.cache_key, len(req.prompt))
+            assert index is not None
+            slot = self.slots[index]
+            keep = next(c.prefix_len for c in cands if c.index == index)
+            keep = min(keep, len(req.prompt) - 1)  # always decode >= 1 token for logits
+            # The slot's own stream always fits the request (prompt + max_tokens <= n_ctx_per_slot
+            # was checked on submission); only its own stale suffix goes.
+            if keep < len(slot.tokens):
+                if not lib.llama_memory_seq_rm(mem, index, keep, -1):
+                    lib.llama_memory_seq_rm(mem, index, -1, -1)
+                    keep = 0
+                del slot.tokens[keep:]
+            with self._in_lock:
+                self._incoming.popleft()
+            req.pos = keep
+            req.n_cached = keep
+            req.t_start = time.perf_counter()
+            slot.req = req
+            slot.cache_key = req.cache_key
+            self._requests_total += 1
+
+    def _step(self, active: list[Slot], out: Outbox) -> None:
+        """Build one batch from all active slots, decode it, sample and emit (thread only)."""
+        llama = self._llama
+        lib = llama.lib
+        batch = llama.batch
+        b_token = batch.token
+        b_pos = batch.pos
+        b_nseq = batch.n_seq_id
+        b_seq = batch.seq_id
+        b_logits = batch.logits
+        n_batch = llama.n_batch
+        n = 0
+        outputs: list[tuple[Slot, int]] = []
+        n_prompt_tokens = 0
+        # generating slots first: one token each (llama-server order)
+        for slot in active:
+            req = slot.req
+            assert req is not None
+            if req.generating:
+                toks = slot.tokens
+                b_token[n] = req.last_token
+                b_pos[n] = len(toks)
+                b_nseq[n] = 1
+                b_seq[n][0] = slot.index
+                b_logits[n] = 1
+                toks.append(req.last_token)
+                outputs.append((slot, n))
+                n += 1
+        # then prompt chunks with what is left of n_batch
+        for slot in active:
+            req = slot.req
+            assert req is not None
+            if req.generating or n >= n_batch:
+                continue
+            prompt = req.prompt
+            start = req.pos
+            take = min(len(prompt) - start, n_batch - n)
+            if take > 1 and start + take == len(prompt) and req.params.seed is not None:
+                # A seeded request decodes its last prompt token alone, exactly as a prefix-cache
+                # hit does: the same logits then give the same sample (ggml's numerics depend on
+                # the batch shape), so a repeated seeded request reproduces its answer.
+                take -= 1
+            toks = slot.tokens
+            base = len(toks)
+            index = slot.index
+            for j in range(take):
+                b_token[n] = prompt[start + j]
+                b_pos[n] = base + j
+                b_nseq[n] = 1
+                b_seq[n][0] = index
+                b_logits[n] = 0
+                n += 1
+            toks.extend(prompt[start : start + take])
+            req.pos = start + take
+            n_prompt_tokens += take
+            if req.pos == len(prompt):
+                b_logits[n - 1] = 1
+                outputs.append((slot, n - 1))
+        batch.n_tokens = n
+        ctx = llama.ctx
+        rc = lib.llama_decode(ctx, batch)
+        self._n_decode_total += 1
+        self._n_busy_slots_total += len(active)
+        self._prompt_tokens_total += n_prompt_tokens
+        if rc != 0:
+            self._decode_failed(rc, active, out)
+            return
+        now = time.perf_counter()
+        sample = lib.llama_sampler_sample
+        is_eog = lib.llama_vocab_is_eog
+        vocab = llama.vocab
+        pieces = llama.pieces
+        n_ctx_slot = llama.n_ctx_slot
+        for slot, i in outputs:
+            req = slot.req
+            assert req is not None
+            if not req.generating:
+                req.generating = True
+                req.t_first = now
+            tok = sample(req.sampler, ctx, i)
+            if is_eog(vocab, tok):
+                self._finish(slot, req=req, reason=FINISH_STOP, text="", now=now, out=out)
+                continue
+            req.n_decoded += 1
+            req.last_token = tok
+            piece = pieces.get(tok)
+            if piece is None:
+                piece = llama.piece(tok)
+            text, stopped = req.stopper.feed(req.utf8.feed(piece))
+            if stopped:
+                self._finish(
+                    slot,
+                    req=req,
+                    reason=FINISH_STOP,
+                    text=text,
+                    now=now,
+                    out=out,
+                    stopped_by_text=True,
+                )
+                continue
+            if req.n_decoded >= req.params.max_tokens or len(slot.tokens) + 1 >= n_ctx_slot:
+                self._finish(slot, req=req, reason=FINISH_LENGTH, text=text, now=now, out=out)
+                continue
+            if text:
+                out.append((req, TokenEvent(text, tok)))
+
+    def _finish(
+        self,
+        slot: Slot,
+        *,
+        req: Request,
+        reason: str,
+        text: str,
+        now: float,
+        out: Outbox,
+        stopped_by_text: bool = False,
+    ) -> None:
+        tail = ""
+        if not stopped_by_text:
+            # length or end-of-generation: release what was held back as a possible stop
+            # prefix or an unfinished UTF-8 sequence
+            flushed, hit = req.stopper.feed(req.utf8.flush())
+            tail = flushed if hit else flushed + req.stopper.flush()
+        prompt_ms, predicted_ms = self._account(req, now)
+        self._release(slot, req)
+        if not req.cancelled:
+            out.append(
+                (
+                    req,
+                    TokenEvent(
+                        text + tail,
+                        -1,
+                        finish_reason=reason,
+                        prompt_tokens=len(req.prompt),
+                        completion_tokens=req.n_decoded,
+                        cached_tokens=req.n_cached,
+                        timings=Timings(
+                            prompt_ms,
+                            predicted_ms,
+                            len(req.prompt) - req.n_cached,
+                            req.n_decoded,
+                        ),
+                    ),
+                )
+            )
+
+    def _account(self, req: Request, now: float) -> tuple[float, float]:
+        t_first = req.t_first or now
+        prompt_s = max(t_first - req.t_start, 0.0) if req.t_start else 0.0
+        predicted_s = max(now - t_first, 0.0)
+        self._prompt_seconds_total += prompt_s
+        self._predicted_seconds_total += predicted_s
+        self._predicted_total += req.n_decoded
+        self._cached_total += req.n_cached
+        self._finished_requests += 1
+        self._finished_seconds += now - req.t_submit
+        return prompt_s * 1000.0, predicted_s * 1000.0
+
+    def _decode_failed(self, rc: int, active: list[Slot], out: Outbox) -> None:
+        """Fail every request of the batch and drop their KV (thread only)."""
+        log.error("llama_decode_failed", model=self.model_id, rc=rc, slots=len(active))
+        err = InferenceError("llama_decode failed with code " + str(rc))
+        for slot in active:
+            req = slot.req
+            assert req is not None
+            self._llama.lib.llama_memory_seq_rm(self._llama.mem, slot.index, -1, -1)
+            slot.tokens.clear()
+            self._account(req, time.perf_counter())
+            self._release(slot, req)
+            slot.cache_key = None
+            if not req.cancelled:
+                out.append((req, InferenceError(str(err))))
+
+
+def _deliver_all(items: Outbox) -> None:
+    """Put each event into its request's queue (runs on the event loop)."""
+    for req, event in items:
+        req.deliver(event)

@@ -1,0 +1,35 @@
+"""How an engine runs a model: one frozen value shared by the manager and every engine it loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mongarsd.errors import ValidationError
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Context, batching, threads, slots, KV cache and placement of one loaded model."""
+
+    n_ctx: int = 2048  # per slot: prompt + completion of one request
+    n_batch: int = 512
+    n_ubatch: int = 512
+    threads: int = 0  # 0: every CPU this process may run on
+    threads_batch: int = 0  # 0: same as threads
+    slots: int = 4
+    queue_depth: int = 16  # requests waiting for a slot before new ones are refused
+    kv_cache_type: str = "f16"  # a key of KV_CACHE_TYPES
+    flash_attn: bool = False
+    use_mmap: bool = True
+    use_mlock: bool = False
+    gpu_layers: int = 0
+    warmup: bool = True  # one decode at start so the first request does not pay for lazy init
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValidationError("slots must be >= 1", param="slots")
+        if self.queue_depth < 0:
+            raise ValidationError("queue_depth must be >= 0", param="queue_depth")
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            raise ValidationError("kv_cache_type must be one of " + ", ".join(KV_CACHE_TYPES), param="kv_cache_type")
