@@ -43,7 +43,8 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
-            "pytest-asyncio>=0.23",
+            "pytest-asyncio>=1.1",  # tests/conftest.py's cleanup checks use its per-scope Runner fixtures
+            "blockbuster>=1.5.29,<1.6",  # new rules arrive in minor versions only
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "openai>=1.40",

@@ -47,7 +47,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     """Run `python -m mongarsd ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "mongarsd", *args],
-        env={**os.environ, **(env or {})},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MONGARSD_TEST_")}, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -157,7 +157,9 @@ def start_daemon(
         *(args or []),
     ]
     with log_path.open("ab") as fh:
-        proc = subprocess.Popen(cmd, env={**os.environ, **base_env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        # the daemon refuses unknown MONGARSD_* variables: the test suite's own (MONGARSD_TEST_MODELS) stay here
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("MONGARSD_TEST_")}
+        proc = subprocess.Popen(cmd, env={**inherited, **base_env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     d = DaemonProc(proc, port, state_dir, log_path)
     if wait_ready:
         wait_until_ready(d)
@@ -287,7 +289,7 @@ def _loop_runner(request: pytest.FixtureRequest) -> tuple[asyncio.Runner, str] |
     marker = item.get_closest_marker("asyncio")
     kwargs = marker.kwargs if marker else {}
     scope = str(kwargs.get("loop_scope") or kwargs.get("scope") or item.config.getini("asyncio_default_test_loop_scope") or "function")
-    # pytest-asyncio (>= 1.0) runs tests and async fixtures in the Runner of this private fixture.
+    # pytest-asyncio (>= 1.1) runs tests and async fixtures in the Runner of this private fixture.
     # Asking for it here opens a function-scoped loop before the descriptor snapshot and keeps it
     # open until after the checks.
     try:
@@ -411,8 +413,8 @@ def verify_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
     - File descriptors: /proc/self/fd before and after (a number now pointing elsewhere counts
       as new). A descriptor opened before the test (the framework's capture files, module-scoped
       fixtures' loops, servers and databases) is never charged to it, nor one third-party code
-      keeps open for the life of the process (_PROCESS_FILES, _PROCESS_PATHS). Grace of FD_GRACE_S: one
-      garbage collection (unreferenced sockets and files close, with a ResourceWarning that
+      keeps for the life of the process (_PROCESS_FILES, _PROCESS_PATHS). Grace of FD_GRACE_S:
+      one garbage collection (unreferenced sockets and files close, with a ResourceWarning that
       fails the test on its own), then the test's loop runs, since a transport closes its socket
       one iteration after close(). Skipped where /proc is absent.
     - Threads: started during the test and alive THREAD_GRACE_S later, except the loop's
@@ -441,13 +443,15 @@ def verify_cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail("the test did not clean up:\n  " + "\n  ".join(problems), pytrace=False)
 
 
+_OWN_FRAMES = frozenset({"_project_frames", "recording_init"})
+
+
 def _project_frames(limit: int = 3) -> str:
     """Name the innermost mongarsd/ and tests/ frames of the current stack, innermost first."""
-    here = Path(__file__)
     found: list[str] = []
     for frame in reversed(traceback.extract_stack()):
         path = Path(frame.filename)
-        if path == here or not path.is_relative_to(REPO) or path.parts[len(REPO.parts)] not in _SCANNED_PACKAGES:
+        if frame.name in _OWN_FRAMES or not path.is_relative_to(REPO) or path.parts[len(REPO.parts)] not in _SCANNED_PACKAGES:
             continue
         found.append(f"{path.relative_to(REPO)}:{frame.lineno} in {frame.name}")
         if len(found) == limit:
@@ -461,11 +465,12 @@ def verify_no_blocking(request: pytest.FixtureRequest, verify_cleanup: None) -> 
 
     Blockbuster patches file, socket, sqlite, sleep and lock calls to raise BlockingError when one
     runs on a thread with a running loop and mongarsd/ or tests/ code is on the stack (third-party
-    code is judged by who called it; a module's first import is exempt, see _IMPORT_FRAME). Every BlockingError is also recorded
-    here, so one that a broad `except` swallowed still fails the test, and one behind a failure of
-    another kind (a hang, a timeout) is listed next to it. Sync tests run without it:
-    their blocking calls block nothing. Depends on verify_cleanup so that it is off while those
-    checks run the loop.
+    code is judged by who called it; a module's first import is exempt, see _IMPORT_FRAME).
+    Every BlockingError is also recorded here, so one that a broad `except` swallowed still fails
+    the test, and one behind a failure of another kind (a hang, a timeout) is listed next to it.
+    Allow a call narrowly in _BLOCKING_ALLOWED, never by module. Sync tests run without it: their
+    blocking calls block nothing. Depends on verify_cleanup so that it is off while those checks
+    run the loop.
     """
     if not is_async_test(request.node):
         yield

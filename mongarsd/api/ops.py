@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import time
 
@@ -33,7 +35,8 @@ async def handle_ready(request: web.Request) -> web.Response:
 @require("admin")
 async def handle_metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    return web.Response(body=ctx.metrics.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
+    body = await asyncio.to_thread(ctx.metrics.render)  # collectors read /proc: off the loop
+    return web.Response(body=body, content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
 
 
 async def handle_status(request: web.Request) -> web.Response:

@@ -12,8 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import DaemonProc
+from tests.conftest import DaemonProc, requires_models
 from tests.integration.test_openai_api import start_llm_daemon
+
+pytestmark = requires_models()
 
 MODEL = "smollm2-135m-instruct:q4_1"
 SLOTS = 4

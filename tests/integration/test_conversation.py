@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,12 +26,12 @@ from mongarsd.memory.db import Database
 from mongarsd.memory.hippocampus import Hippocampus
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
+from tests.conftest import DEFAULT_EMBED_DIR, DEFAULT_LLM, requires_models
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
-EMBED_DIR = REPO / "models" / "all-minilm-l6-v2"
+MODEL = DEFAULT_LLM
+EMBED_DIR = DEFAULT_EMBED_DIR
 pytestmark = [
-    pytest.mark.skipif(not MODEL.exists() or not (EMBED_DIR / "model.int8.onnx").exists(), reason="default models not installed"),
+    requires_models(),
     pytest.mark.asyncio(loop_scope="module"),
     # The foundation's middlewares key requests with plain strings (the lead's code); not ours to fix here.
     pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),

@@ -7,7 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import Http, http, start_daemon
+from tests.conftest import Http, http, requires_models, start_daemon
+
+pytestmark = requires_models()
 
 
 def test_sigterm_drains_an_in_flight_generation(tmp_path: Path) -> None:

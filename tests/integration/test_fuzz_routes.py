@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import DaemonProc, start_daemon
+from tests.conftest import DaemonProc, requires_models, start_daemon
 
 SEED = int(os.environ.get("FUZZ_SEED", "8642"))
 REQUESTS = 4000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 600
@@ -89,6 +89,9 @@ def _body(rng: random.Random) -> bytes:
 def _fill(path: str, rng: random.Random) -> str:
     fill = rng.choice(["1", "0", "-1", "abc", "%ED%A0%80", "9" * 50, "%00", "..%2F..", "x" * 300, ""])
     return path.replace("{x}", fill)
+
+
+pytestmark = requires_models()
 
 
 @pytest.fixture(scope="module")

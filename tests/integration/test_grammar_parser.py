@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from mongarsd.inference import grammar as g
+from tests.conftest import DEFAULT_LLM, requires_models
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
+MODEL = DEFAULT_LLM
 
-pytestmark = pytest.mark.skipif(not MODEL.exists() and not os.environ.get("CI"), reason="default model not installed")
+pytestmark = requires_models(DEFAULT_LLM)
 
 # Parse each grammar with llama_sampler_init_grammar on a thread with a deliberately small stack
 # (a quarter of Linux's default thread stack): the bound must hold with a wide margin.

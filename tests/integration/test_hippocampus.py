@@ -17,10 +17,10 @@ from mongarsd.errors import EmbedderUnavailableError, NotFoundError
 from mongarsd.inference.embed import Embedder
 from mongarsd.memory.db import Database
 from mongarsd.memory.hippocampus import STATUS_EMBEDDER_UNAVAILABLE, Hippocampus, fts_query, rrf_fuse, worth_remembering
+from tests.conftest import DEFAULT_EMBED_DIR, DEFAULT_EMBEDDER, requires_models
 
-REPO = Path(__file__).resolve().parents[2]
-EMBED_DIR = REPO / "models" / "all-minilm-l6-v2"
-pytestmark = pytest.mark.skipif(not (EMBED_DIR / "model.int8.onnx").exists(), reason="default embedder not installed (make models)")
+EMBED_DIR = DEFAULT_EMBED_DIR
+pytestmark = requires_models(DEFAULT_EMBEDDER)
 
 HOSTILE_QUERIES = [
     '" OR 1=1 --',

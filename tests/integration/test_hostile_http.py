@@ -11,8 +11,10 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import DaemonProc, Http, http
+from tests.conftest import DaemonProc, Http, http, requires_models
 from tests.integration.test_openai_api import MODEL, start_llm_daemon
+
+pytestmark = requires_models()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -16,14 +15,14 @@ from mongarsd.inference.events import TokenEvent
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.sampling import GenerationParams
 from mongarsd.inference.settings import EngineSettings
+from tests.conftest import DEFAULT_LLM, requires_models
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
+MODEL = DEFAULT_LLM
 SLOTS = 4
 QUEUE_DEPTH = 2
 
 pytestmark = [
-    pytest.mark.skipif(not MODEL.exists(), reason="default model not installed"),
+    requires_models(DEFAULT_LLM),
     pytest.mark.asyncio(loop_scope="module"),
 ]
 

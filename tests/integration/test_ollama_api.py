@@ -10,8 +10,10 @@ from typing import Any
 import ollama
 import pytest
 
-from tests.conftest import MODELS_DIR, DaemonProc, http
+from tests.conftest import MODELS_DIR, DaemonProc, http, requires_models
 from tests.integration.test_openai_api import start_llm_daemon
+
+pytestmark = requires_models()
 
 MODEL = "smollm2-135m-instruct:q4_1"
 EMBED = "all-minilm-l6-v2"
@@ -35,9 +37,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPro
 
 
 @pytest.fixture
-def client(served: tuple[DaemonProc, str]) -> ollama.Client:
+def client(served: tuple[DaemonProc, str]) -> Iterator[ollama.Client]:
     d, token = served
-    return ollama.Client(host=d.url, headers={"Authorization": "Bearer " + token}, timeout=60)
+    c = ollama.Client(host=d.url, headers={"Authorization": "Bearer " + token}, timeout=60)
+    try:
+        yield c
+    finally:
+        c.close()  # its keep-alive connection (the client has __exit__ but no __enter__)
 
 
 def post(served: tuple[DaemonProc, str], path: str, body: Any) -> Any:

@@ -12,8 +12,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import DaemonProc, http, run_cli, start_daemon
+from tests.conftest import DaemonProc, http, requires_models, run_cli, start_daemon
 
+pytestmark = requires_models()
 MODEL = "smollm2-135m-instruct:q4_1"
 EMBED = "all-minilm-l6-v2"
 HI = [{"role": "user", "content": "Say hello."}]

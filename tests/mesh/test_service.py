@@ -551,7 +551,9 @@ async def test_live_key_rotation_through_the_keyring_file_keeps_the_mesh(
     await edit_all(lambda r: r.remove(old))
     await wait_until(lambda: all(n.mesh.keyring.lookup(key_id(old)) is None for n in trio), 10.0)  # type: ignore[union-attr]
     ids = {n.mesh.node_id for n in trio}
-    await asyncio.sleep(1.0)  # a few probe rounds on the new key alone
+    # A few probe rounds of every node on the new key alone.
+    probes = [n.mesh.gossip.metrics()["probes"] for n in trio]  # type: ignore[union-attr]
+    await wait_until(lambda: all(n.mesh.gossip.metrics()["probes"] >= p + 3 for n, p in zip(trio, probes, strict=True)), 10.0)  # type: ignore[union-attr]
     for n in trio:
         assert {m.node_id for m in n.mesh.members() if m.state == "alive"} == ids
         drops = n.mesh.gossip.metrics()["drops"]  # type: ignore[union-attr]

@@ -72,7 +72,7 @@ def test_sync_tests_may_block():
 async def server() -> AsyncIterator[int]:
     async def handle(reader, writer):
         await reader.read()
-        await asyncio.sleep(0.2)  # still running after the test: the server's task, not the test's
+        await asyncio.sleep(0.1)  # still running after the test: the server's task, not the test's
         writer.close()
 
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)

@@ -14,9 +14,9 @@ from mongarsd.errors import ModelError
 from mongarsd.inference import gguf
 from mongarsd.inference.gguf import ArrayInfo, parse_gguf_bytes, read_gguf
 from mongarsd.inference.models import ModelRegistry, model_id_for
+from tests.conftest import DEFAULT_LLM, requires_models
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-Q4_1.gguf"
+DEFAULT_MODEL = DEFAULT_LLM
 
 
 def s(text: str | bytes) -> bytes:
@@ -240,7 +240,7 @@ def test_registry_add_and_remove(tmp_path: Path) -> None:
         reg.remove("other:q4_1")
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model not installed")
+@requires_models(DEFAULT_LLM)
 def test_default_model_header() -> None:
     info = read_gguf(DEFAULT_MODEL)
     assert info.architecture == "llama"
