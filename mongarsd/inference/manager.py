@@ -415,6 +415,19 @@ class InferenceManager:
             await self._async_unload_locked(entry.id, reason="requested")
             return True
 
+    def decode_totals(self) -> tuple[float, float]:
+        """Tokens decoded and seconds spent decoding, summed over the loaded engines (for the mesh's rate)."""
+        tokens = seconds = 0.0
+        for lm in list(self._models.values()):
+            stats = lm.engine.stats()
+            tokens += float(stats.tokens_predicted_total)
+            seconds += float(stats.tokens_predicted_seconds_total)
+        return tokens, seconds
+
+    def available_ids(self) -> list[str]:
+        """Ids of the usable models in the models folder (blocking: reads the folder; run it in a thread)."""
+        return [entry.id for entry in self.registry.list()]
+
     def loaded(self) -> list[LoadedInfo]:
         """Describe the loaded models (for /api/ps)."""
         now_m, now_w = time.monotonic(), time.time()

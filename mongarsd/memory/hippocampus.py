@@ -263,7 +263,7 @@ class Hippocampus:
         self._embedder = embedder
         self.purge_interval_s = purge_interval_s
         self.default_ttl_days = default_ttl_days
-        self.dim = int(getattr(embedder, "dim", dim) or dim)
+        self.dim = embedder.dim if embedder is not None else dim
         self.index = VectorIndex(self.dim)
         self._started = False
         self.purged_total = 0
@@ -319,7 +319,7 @@ class Hippocampus:
         self._embedder = embedder
 
     def _embed_model_id(self) -> str | None:
-        return None if self._embedder is None else str(getattr(self._embedder, "model_id", "") or "") or None
+        return None if self._embedder is None else self._embedder.model_id or None
 
     async def async_embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed texts or raise EmbedderUnavailableError (never a made-up vector)."""

@@ -8,18 +8,26 @@ receive and is safe to publish (mDNS TXT `ck`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Final
 
+import structlog
 from nacl.encoding import RawEncoder
 from nacl.hash import blake2b
 
 from mongarsd.errors import MeshError
 from mongarsd.fsutil import atomic_write_private
 from mongarsd.mesh import const
+
+log = structlog.get_logger("mongarsd.mesh")
+
+KEYRING_POLL_S: Final = 2.0  # `mongarsd keys ...` edits the file; a running mesh follows within this
 
 
 class KeyringError(MeshError):
@@ -148,3 +156,37 @@ class Keyring:
         ring = cls(generate_key())
         ring.save(path)
         return ring
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """Return (mtime_ns, size) of a file, None when absent (blocking but instantaneous)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+async def async_watch_keyring(path: Path, keyring: Keyring, on_primary_change: Callable[[bytes], Awaitable[None]]) -> None:
+    """Apply edits of the keyring file to the live keyring forever; call back when the primary key changes.
+
+    A half-written or broken file is logged and skipped: the mesh keeps the keys it has.
+    """
+    last = await asyncio.to_thread(_file_stamp, path)
+    while True:
+        await asyncio.sleep(KEYRING_POLL_S)
+        stamp = await asyncio.to_thread(_file_stamp, path)
+        if stamp == last or stamp is None:
+            continue
+        last = stamp
+        try:
+            fresh = await asyncio.to_thread(Keyring.load, path)
+        except MeshError as err:
+            log.warning("keyring_reload_failed", path=str(path), error=str(err))
+            continue
+        old_primary = keyring.primary_key_id
+        if not keyring.replace_with(fresh):
+            continue
+        log.info("keyring_reloaded", primary=keyring.primary_key_id.hex(), keys=len(keyring.keys()))
+        if keyring.primary_key_id != old_primary:
+            await on_primary_change(keyring.primary_key_id)

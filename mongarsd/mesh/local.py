@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
 
 import psutil
 
@@ -54,33 +55,47 @@ def fit_state(state: dict[str, Any]) -> dict[str, Any]:
             raise
 
 
+class _Entry(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class LoadedView(Protocol):
+    """What the mesh reads of one loaded model (inference.manager.LoadedInfo)."""
+
+    @property
+    def entry(self) -> _Entry: ...
+    @property
+    def slots_total(self) -> int: ...
+    @property
+    def slots_busy(self) -> int: ...
+    @property
+    def requests_deferred(self) -> int: ...
+
+
+class LocalInference(Protocol):
+    """What the mesh uses of this node's inference (inference.manager.InferenceManager)."""
+
+    def loaded(self) -> Sequence[LoadedView]: ...
+    def decode_totals(self) -> tuple[float, float]: ...
+    def available_ids(self) -> list[str]: ...
+
+
 class LocalStats:
     """Live load of this node from the InferenceManager, with a tokens/s EWMA (loop-only)."""
 
-    def __init__(self, llm: Any, slots_default: int) -> None:
+    def __init__(self, llm: LocalInference | None, slots_default: int) -> None:
         self._llm = llm
         self._slots_default = max(1, slots_default)
         self._last: tuple[float, float] | None = None  # (tokens, seconds) totals
         self.tokens_per_s = 0.0
         self.available: list[str] = []
 
-    def _engine_totals(self) -> tuple[float, float]:
-        tokens = seconds = 0.0
-        # The manager has no public per-engine counters yet; read them defensively.
-        for lm in list(getattr(self._llm, "_models", {}).values()):
-            engine = getattr(lm, "engine", None)
-            if engine is None:
-                continue
-            stats = engine.stats()
-            tokens += float(stats.tokens_predicted_total)
-            seconds += float(stats.tokens_predicted_seconds_total)
-        return tokens, seconds
-
     def sample_rate(self) -> None:
         """Fold the decode rate since the last sample into the EWMA."""
         if self._llm is None:
             return
-        totals = self._engine_totals()
+        totals = self._llm.decode_totals()
         if self._last is not None:
             dt, ds = totals[0] - self._last[0], totals[1] - self._last[1]
             if dt > 0 and ds > 0:

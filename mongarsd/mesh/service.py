@@ -32,8 +32,8 @@ from mongarsd.mesh.forward import H_SIG, RequestVerifier, VerifiedPeer, sign_hea
 from mongarsd.mesh.gossip import PRESETS, GossipNode, MemberView
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.interfaces import async_select_host_interfaces
-from mongarsd.mesh.keyring import Keyring, key_id
-from mongarsd.mesh.local import LocalStats, fit_state, read_temperature
+from mongarsd.mesh.keyring import Keyring, async_watch_keyring, key_id
+from mongarsd.mesh.local import LocalInference, LocalStats, fit_state, read_temperature
 from mongarsd.mesh.membership import EventKind
 from mongarsd.mesh.peers import PeerStore, StaticPeer, url_host_port
 from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank
@@ -42,14 +42,17 @@ from mongarsd.mesh.wire import Addr
 from mongarsd.supervisor import TaskSupervisor
 
 if TYPE_CHECKING:
+    from mongarsd.board import BoardInfo
+    from mongarsd.config import Config
+    from mongarsd.memory.db import Database
     from mongarsd.mesh.discovery import Discovery, ServiceProps
+    from mongarsd.metrics import Metrics
 
 log = structlog.get_logger("mongarsd.mesh")
 
 MESH_DIR: Final = "mesh"
 IDENTITY_FILE: Final = "identity.key"
 KEYRING_FILE: Final = "keyring.json"
-KEYRING_POLL_S: Final = 2.0  # `mongarsd keys ...` edits the file; the running mesh follows within this
 PUBLISH_INTERVAL_S: Final = 1.0
 TOKENS_EWMA_ALPHA: Final = 0.3
 STATIC_REJOIN_INTERVAL_S: Final = 30.0
@@ -75,15 +78,6 @@ def mesh_dir(state_dir: Path) -> Path:
     return state_dir / MESH_DIR
 
 
-def _file_stamp(path: Path) -> tuple[int, int] | None:
-    """Return (mtime_ns, size) of a file, None when absent (blocking but instantaneous)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
-
-
 def keyring_path(state_dir: Path) -> Path:
     return mesh_dir(state_dir) / KEYRING_FILE
 
@@ -98,11 +92,11 @@ class MeshService:
     def __init__(
         self,
         *,
-        config: Any,
-        board: Any = None,
-        llm: Any = None,
-        db: Any = None,
-        metrics: Any = None,
+        config: Config,
+        board: BoardInfo | None = None,
+        llm: LocalInference | None = None,
+        db: Database | None = None,
+        metrics: Metrics | None = None,
         machine_id_path: Path = Path(const.MACHINE_ID_PATH),
         api_port: int | None = None,
         version: str = __version__,
@@ -115,7 +109,7 @@ class MeshService:
         self._defer_discovery = defer_discovery
         self._discovery_started = False
         self._mcfg = config.mesh
-        self._board = board
+        self._board_profile = board.profile if board is not None and board.profile else "generic"
         self._llm = llm
         self._metrics = metrics
         self._machine_id_path = machine_id_path
@@ -130,7 +124,7 @@ class MeshService:
         self._session: aiohttp.ClientSession | None = None
         self._verifier: RequestVerifier | None = None
         self.breakers = BreakerBoard()
-        self._local = LocalStats(llm, int(getattr(config.inference, "slots", 4)))
+        self._local = LocalStats(llm, int(config.inference.slots))
         # Shared with the gossip node and discovery we build; each cancels only its own tasks on stop.
         self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._pending: Counter[str] = Counter()
@@ -411,7 +405,7 @@ class MeshService:
 
             props = ServiceProps(
                 version=self._version,
-                board=str(getattr(self._board, "profile", "generic") or "generic"),
+                board=self._board_profile,
                 api_port=self._api_port if 0 < self._api_port < 65536 else 8642,
                 gossip_port=port,
                 fingerprint=self.identity.fingerprint,
@@ -495,15 +489,14 @@ class MeshService:
     # --- state publishing ---------------------------------------------------------------------
 
     async def _async_available_models(self) -> list[str]:
-        registry = getattr(self._llm, "registry", None)
-        if registry is None:
+        if self._llm is None:
             return []
         try:
-            entries = await asyncio.to_thread(registry.list)
+            ids = await asyncio.to_thread(self._llm.available_ids)
         except OSError as err:  # models dir unreadable: publish nothing available
             log.warning("mesh_models_unreadable", error=str(err))
             return []
-        return [e.id for e in entries][:MAX_MODEL_IDS]
+        return ids[:MAX_MODEL_IDS]
 
     async def _async_compute_state(self) -> dict[str, Any]:
         self._local.sample_rate()
@@ -511,7 +504,7 @@ class MeshService:
         temp, throttled = await asyncio.to_thread(read_temperature)
         state: dict[str, Any] = {
             "version": self._version,
-            "board": str(getattr(self._board, "profile", "generic") or "generic"),
+            "board": self._board_profile,
             "models_loaded": snap["models_loaded"][:MAX_MODEL_IDS],
             "models_available": snap["models_available"][:MAX_MODEL_IDS],
             "slots_total": snap["slots_total"],
@@ -529,26 +522,13 @@ class MeshService:
 
     async def _async_keyring_watch_loop(self, path: Path) -> None:
         """Follow keyring edits (install/use/remove) without a restart: Serf-style rotation, no downtime."""
-        last = await asyncio.to_thread(_file_stamp, path)
-        while True:
-            await asyncio.sleep(KEYRING_POLL_S)
-            stamp = await asyncio.to_thread(_file_stamp, path)
-            if stamp == last or stamp is None:
-                continue
-            last = stamp
-            try:
-                fresh = await asyncio.to_thread(Keyring.load, path)
-            except MeshError as err:  # a half-edited or broken file: keep the keys we have
-                log.warning("keyring_reload_failed", path=str(path), error=str(err))
-                continue
-            assert self.keyring is not None
-            old_primary = self.keyring.primary_key_id
-            if not self.keyring.replace_with(fresh):
-                continue
-            log.info("keyring_reloaded", primary=self.keyring.primary_key_id.hex(), keys=len(self.keyring.keys()))
-            if self.keyring.primary_key_id != old_primary and self.discovery is not None:
-                props = dataclasses.replace(self.discovery.props, cluster_key_id=self.keyring.primary_key_id.hex())
-                await self.discovery.async_update_props(props)
+        if self.keyring is not None:
+            await async_watch_keyring(path, self.keyring, self._async_primary_key_changed)
+
+    async def _async_primary_key_changed(self, primary: bytes) -> None:
+        """Re-announce the cluster key id over mDNS once `keys use` picked a new primary key."""
+        if self.discovery is not None:
+            await self.discovery.async_update_props(dataclasses.replace(self.discovery.props, cluster_key_id=primary.hex()))
 
     async def _async_publish_loop(self) -> None:
         ticks = 0

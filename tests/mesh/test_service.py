@@ -29,6 +29,7 @@ from mongarsd.config import Config, LoadedConfig, MeshConfig, ServerConfig
 from mongarsd.errors import AuthError, ConfigError, ValidationError
 from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
+from mongarsd.mesh import keyring as keyring_mod
 from mongarsd.mesh.forward import H_SERVED_BY, ReplayCache, RequestVerifier, make_nonce, sign_headers
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.keyring import Keyring, generate_key, key_id
@@ -248,15 +249,20 @@ def test_forged_copies_do_not_burn_the_real_nonce() -> None:
 
 
 class FakeLLM:
-    """The bits of InferenceManager the mesh reads: registry.list(), loaded(), engine stats."""
+    """The bits of InferenceManager the mesh reads (mesh.local.LocalInference)."""
 
     def __init__(self, *, has_model: bool, loaded: bool, busy: int = 0, deferred: int = 0, slots: int = 2) -> None:
-        entries = [SimpleNamespace(id=M)] if has_model else []
-        self.registry = SimpleNamespace(list=lambda: entries)
+        self._ids = [M] if has_model else []
         self.is_loaded = loaded
         self.busy = busy
         self.deferred = deferred
         self.slots = slots
+
+    def available_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def decode_totals(self) -> tuple[float, float]:
+        return 0.0, 0.0
 
     def loaded(self) -> list[Any]:
         if not self.is_loaded:
@@ -529,9 +535,7 @@ async def test_live_key_rotation_through_the_keyring_file_keeps_the_mesh(
     trio: list[Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What `mongarsd keys install/use/remove` do: edit each node's keyring file; the running mesh follows.
-    import mongarsd.mesh.service as service_mod
-
-    monkeypatch.setattr(service_mod, "KEYRING_POLL_S", 0.1)
+    monkeypatch.setattr(keyring_mod, "KEYRING_POLL_S", 0.1)
     old = trio[0].mesh.keyring.primary_key  # type: ignore[union-attr]
     new = generate_key()
     paths = [keyring_path(tmp_path / f"n{i}") for i in range(3)]
