@@ -7,6 +7,8 @@ import sys
 from typing import TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -34,3 +36,17 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     )
     # Libraries that use stdlib logging (aiohttp, zeroconf) go to the same stream.
     logging.basicConfig(stream=out, level=max(_LEVELS[level], logging.WARNING), format="%(name)s %(levelname)s %(message)s")
+    # aiohttp logs every malformed request (a bad request line, a client that hung up) as an ERROR
+    # with a traceback: a hostile client could fill an SD card's journal with them. The 400 is
+    # answered all the same; keep those out and let real server errors through.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientNoiseFilter) for f in server_log.filters):
+        server_log.addFilter(ClientNoiseFilter())
+
+
+class ClientNoiseFilter(logging.Filter):
+    """Drop aiohttp's reports of client-side errors: malformed HTTP, payload errors, hang-ups."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError | RequestPayloadError | ConnectionResetError)

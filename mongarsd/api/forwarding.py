@@ -15,6 +15,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import ClientConnectionResetError, ClientError, ClientSession, ClientTimeout, web
 
+from mongarsd.api.io import async_read_body
 from mongarsd.mesh.forward import H_SERVED_BY
 from mongarsd.mesh.service import MeshService, PeerRoute
 from mongarsd.principal import PRINCIPAL, Principal
@@ -124,7 +125,7 @@ async def async_authenticate_peer(request: web.Request, mesh: MeshService) -> Pr
     """Return the peer principal of a node-signed request, None if unsigned; AuthError if bad."""
     if not mesh.is_signed(request.headers):
         return None
-    body = await request.read()
+    body = await async_read_body(request)
     peer = mesh.verify_signed(method=request.method, path_qs=request.path_qs, headers=request.headers, body=body)
     request[REQ_HOPS] = peer.hops
     request[REQ_SENDER] = peer.node_id
@@ -142,7 +143,7 @@ async def async_maybe_forward(
     routes = mesh.forward_routes(model=model, hops=hops, sender=request.get(REQ_SENDER), body=body)
     if not routes:
         return None
-    raw = await request.read()
+    raw = await async_read_body(request)
     for route in routes:
         resp = await _async_try_peer(request, mesh, route, raw, hops=hops, user=principal.user, stream=stream)
         if resp is not None:

@@ -85,15 +85,22 @@ def parse_json_text(text: str) -> Any:
     return sanitize_json(data)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """Read a JSON object body or raise ValidationError saying what is wrong with it."""
+async def async_read_body(request: web.Request) -> bytes:
+    """Read the whole request body, bounded in size (413) and time (408); a broken one is a 400."""
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-            raw = await request.read()  # aiohttp enforces client_max_size here (413)
+            return await request.read()  # aiohttp enforces client_max_size here (413)
+    except web.RequestPayloadError as err:  # a body that cannot be decoded (bad gzip, broken chunks)
+        raise ValidationError("request body could not be read: " + str(err).replace("\n", " ").strip()[:200], param="body") from None
     except TimeoutError:
         raise ValidationError(
             "request body was not received within " + str(int(BODY_READ_TIMEOUT_S)) + " s", param="body", status=408
         ) from None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """Read a JSON object body or raise ValidationError saying what is wrong with it."""
+    raw = await async_read_body(request)
     if not raw.strip():
         raise ValidationError("request body is empty; expected a JSON object", param="body")
     try:

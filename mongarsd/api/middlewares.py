@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 import time
@@ -16,7 +15,7 @@ from aiohttp import web
 from mongarsd.api.auth import LOCAL_ADMIN_USER, PRINCIPAL, REQUEST_ID, Principal, check_role, is_loopback, required_role
 from mongarsd.api.errors import error_response
 from mongarsd.api.forwarding import async_authenticate_peer
-from mongarsd.api.io import BODY_READ_TIMEOUT_S
+from mongarsd.api.streaming import CLIENT_CLOSED_STATUS
 from mongarsd.const import TOKEN_PREFIX
 from mongarsd.errors import (
     AuthError,
@@ -147,7 +146,9 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             log.error("request_failed", path=request.path, error=str(err))
             return error_response(request, 503, f"{type(err).__name__}: {err}", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
         except ConnectionResetError:
-            raise  # the client went away; nothing to answer
+            # the client went away (mid-body or mid-stream): nothing can be answered, nothing to report
+            log.info("client_disconnected", path=request.path)
+            return web.Response(status=CLIENT_CLOSED_STATUS)
         except Exception as err:  # last resort: log with the request id, never leak a trace
             log.error("unhandled_error", path=request.path, error=repr(err), exc_info=True)
             return error_response(request, 500, f"internal error (request id {request[REQUEST_ID]})")
@@ -192,12 +193,8 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
     async def _authenticate(request: web.Request) -> Principal | None:
         # A node-signed forward is checked first, so one arriving over loopback is never the local admin.
         if ctx.mesh is not None:
-            try:
-                # a signed request's body is read here to check its signature: bound the wait for it
-                async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-                    peer: Principal | None = await async_authenticate_peer(request, ctx.mesh)
-            except TimeoutError:
-                raise ValidationError(f"request body was not received within {BODY_READ_TIMEOUT_S:g} s", param="body", status=408) from None
+            # a signed request's body is read here (bounded: api.io.async_read_body) to check its signature
+            peer: Principal | None = await async_authenticate_peer(request, ctx.mesh)
             if peer is not None:
                 return peer
         header = request.headers.get("Authorization")

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of, public, require
-from mongarsd.api.io import read_json
+from mongarsd.api.io import async_read_body, read_json
 from mongarsd.errors import AuthError, MeshError, NotFoundError, ValidationError
 from mongarsd.mesh.forward import H_SERVED_BY
 from mongarsd.mesh.peers import normalize_peer_url
@@ -87,7 +87,7 @@ async def handle_message(request: web.Request) -> web.Response:
     )
     if signed_by is None and not principal.is_admin:
         raise AuthError("peer messages must be signed by a mesh node", status=403)
-    raw = await request.read()
+    raw = await async_read_body(request)
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ValidationError(f"peer message is larger than {MAX_MESSAGE_BYTES} bytes", param="message", status=413)
     body = await read_json(request)

@@ -198,3 +198,26 @@ def test_streamed_responses_carry_the_request_id(served: tuple[DaemonProc, str])
     ndjson = http("POST", d.url + "/api/chat", {**body, "options": {"num_predict": 4}}, token=token)
     assert ndjson.status == 200
     assert len(ndjson.headers.get("X-Request-Id", "")) >= 8
+
+
+RAW_REQUESTS = [
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd", b" 400 "),
+    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n", b" 400 "),
+    (b"GET /api/v1/memory/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", b" 400 "),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", b" 400 "),
+]
+
+
+@pytest.mark.parametrize(("raw", "status"), RAW_REQUESTS, ids=["bad-gzip", "bad-chunks", "bad-path-bytes", "huge-header"])
+def test_malformed_http_is_a_quiet_400(served: tuple[DaemonProc, str], raw: bytes, status: bytes) -> None:
+    import socket
+
+    d, _ = served
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall(raw)
+        head = sock.recv(4096).split(b"\r\n", 1)[0]
+    assert status in head, head
+    assert_alive(served)
+    # a client's garbage is answered, not reported: no error tracebacks for an SD card's journal
+    assert "Error handling request" not in d.log()
+    assert '"unhandled_error"' not in d.log()
