@@ -48,12 +48,23 @@ def surface_of(path: str) -> Surface:
     return "native"
 
 
+def openai_code(status: int, param: str | None) -> str | None:
+    """The `error.code` OpenAI gives for a status, when it gives one (clients branch on it) (pure)."""
+    if status == 404 and param == "model":
+        return "model_not_found"
+    if status == 429:
+        return "rate_limit_exceeded"
+    return None
+
+
 def error_body(surface: Surface, status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The error envelope of a surface; `code` is OpenAI's error code (the native surface keeps its own)."""
     if surface == "openai":
-        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param, "code": code}}
+        oa_code = code or openai_code(status, param)
+        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param, "code": oa_code}}
     if surface == "ollama":
         return {"error": message}
-    body: dict[str, Any] = {"code": code or _NATIVE_CODES.get(status, "error"), "message": message}
+    body: dict[str, Any] = {"code": _NATIVE_CODES.get(status, "error"), "message": message}
     if param is not None:
         body["param"] = param
     return {"error": body}

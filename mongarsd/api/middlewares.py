@@ -19,6 +19,7 @@ from mongarsd.api.streaming import CLIENT_CLOSED_STATUS
 from mongarsd.const import TOKEN_PREFIX
 from mongarsd.errors import (
     AuthError,
+    ContextOverflowError,
     EmbedderUnavailableError,
     InferenceError,
     MeshError,
@@ -121,6 +122,8 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             elif exc.status == 413:
                 message = f"request body too large (limit {cfg.server.max_body_bytes} bytes)"
             return error_response(request, exc.status, message, headers=_passthrough_headers(exc))
+        except ContextOverflowError as err:
+            return error_response(request, err.status, str(err), param=err.param, code="context_length_exceeded")
         except ValidationError as err:
             return error_response(request, err.status, str(err), param=err.param)
         except AuthError as err:
@@ -133,7 +136,7 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             return error_response(request, err.status, str(err), headers={"Retry-After": retry})
         except ModelError as err:
             status = 404 if isinstance(err, UnknownModelError) else 422
-            return error_response(request, status, str(err), param="model", code="model_not_found" if status == 404 else None)
+            return error_response(request, status, str(err), param="model")
         except EmbedderUnavailableError as err:
             return error_response(request, 503, str(err), headers={"Retry-After": str(EMBEDDER_RETRY_AFTER_S)} if err.transient else None)
         except UnavailableError as err:
@@ -198,6 +201,9 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             if peer is not None:
                 return peer
         header = request.headers.get("Authorization")
+        if header is not None and header.strip().lower() == "bearer":
+            # `Bearer ` with an empty key (Open WebUI's RAG calls, SDKs without a key) means no credentials
+            header = None
         loopback = is_loopback(request.remote)
         if header:
             scheme, _, token = header.partition(" ")

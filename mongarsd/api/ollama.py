@@ -415,22 +415,23 @@ async def handle_tags(request: web.Request) -> web.Response:
             if entry.id == ctx.llm.default_model:
                 default_tag = tag
     if ctx.pipeline is not None:
+        # every id carries a tag: Open WebUI rewrites untagged ids to ":latest" (both are accepted)
         persona = dict(default_tag) if default_tag else {"size": 0, "digest": "", "details": {}}
-        persona.update({"name": PERSONA_MODEL_ID, "model": PERSONA_MODEL_ID, "modified_at": now_iso()})
+        persona.update({"name": PERSONA_MODEL_ID + ":latest", "model": PERSONA_MODEL_ID + ":latest", "modified_at": now_iso()})
         models.append(persona)
     if ctx.embedder is not None:
-        size = 0
+        embedder = ctx.embedder
         try:
-            size = ctx.embedder.model_path.stat().st_size
+            size = (await asyncio.to_thread(embedder.model_path.stat)).st_size
         except OSError:
             size = 0
         models.append(
             {
-                "name": ctx.embedder.model_id,
-                "model": ctx.embedder.model_id,
+                "name": embedder.model_id + ":latest",
+                "model": embedder.model_id + ":latest",
                 "modified_at": now_iso(),
                 "size": size,
-                "digest": "",
+                "digest": await embedder.async_digest(),
                 "details": EMBED_DETAILS,
             }
         )

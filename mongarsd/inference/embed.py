@@ -8,6 +8,7 @@ model is missing or broken, callers get `EmbedderUnavailableError`, never fake v
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -120,6 +121,7 @@ class Embedder:
         self._session: Any = None
         self._tokenizer: Any = None
         self._max_seq_tokens = DEFAULT_MAX_SEQ_TOKENS
+        self._digest: tuple[tuple[int, int], str] | None = None
         self._dim = DEFAULT_DIM
         self._providers_used: list[str] = []
         self._last_error: str | None = None
@@ -252,6 +254,27 @@ class Embedder:
         else:
             self._last_used = time.monotonic()
         return np.stack([found[t] for t in items]).astype(np.float32, copy=False)
+
+    async def async_digest(self) -> str:
+        """sha256 of the model file, as Ollama lists digests ("" when unreadable); hashed once per file version."""
+        path = self.model_path
+
+        def compute() -> tuple[tuple[int, int], str]:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self._digest is not None and self._digest[0] == stamp:
+                return self._digest
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            return stamp, h.hexdigest()
+
+        try:
+            self._digest = await asyncio.to_thread(compute)
+        except OSError:
+            return ""
+        return self._digest[1]
 
     @property
     def max_seq_tokens(self) -> int:

@@ -103,7 +103,9 @@ def test_embed_and_embeddings(client: ollama.Client, served: tuple[DaemonProc, s
 
 def test_tags_show_version(client: ollama.Client, served: tuple[DaemonProc, str]) -> None:
     tags = {m.model: m for m in client.list().models}
-    assert MODEL in tags and EMBED in tags
+    # every id is tagged (Open WebUI rewrites untagged ids to ":latest"), the embedder has a digest
+    assert MODEL in tags and EMBED + ":latest" in tags and "mongars:latest" in tags
+    assert tags[EMBED + ":latest"].digest and len(tags[EMBED + ":latest"].digest or "") == 64
     details = tags[MODEL].details
     assert details is not None and details.format == "gguf" and details.family == "llama"
     assert details.quantization_level == "Q4_1" and details.parameter_size == "135M"
@@ -203,3 +205,26 @@ def test_malformed_json_and_oversized_prompt(served: tuple[DaemonProc, str]) -> 
     long = "lorem ipsum dolor " * 1500
     r = post(served, "/api/generate", {"model": MODEL, "prompt": long, "stream": False, "options": {"num_predict": 4}})
     assert r.status == 400 and "prompt has" in r.json()["error"] and "tokens" in r.json()["error"]
+
+
+def test_tagged_ids_and_an_empty_bearer_work_as_open_webui_sends_them(served: tuple[DaemonProc, str]) -> None:
+    d, _ = served
+    empty = {"Authorization": "Bearer "}
+    emb = http("POST", d.url + "/api/embed", {"model": EMBED + ":latest", "input": ["a cat"]}, headers=empty)
+    assert emb.status == 200, emb.body[:300]  # loopback without credentials: the local admin
+    chat = http(
+        "POST",
+        d.url + "/api/chat",
+        {"model": "mongars:latest", "messages": HI, "stream": False, "options": {"num_predict": 4}},
+        headers=empty,
+    )
+    assert chat.status == 200, chat.body[:300]
+    oa = http("POST", d.url + "/v1/embeddings", {"model": EMBED + ":latest", "input": "a cat"}, headers=empty)
+    assert oa.status == 200, oa.body[:300]
+
+
+def test_openai_errors_carry_openai_codes(served: tuple[DaemonProc, str]) -> None:
+    unknown = post(served, "/v1/chat/completions", {"model": "no-such-model", "messages": HI})
+    assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found", unknown.body[:300]
+    too_long = post(served, "/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 100_000})
+    assert too_long.status == 400 and too_long.json()["error"]["code"] == "context_length_exceeded", too_long.body[:300]
