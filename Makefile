@@ -34,10 +34,12 @@ run: install
 test: install test-deps
 	$(PY) -m pytest -q
 
-# Long fuzz run of every decoder and validator (make test runs the same properties briefly).
-FUZZ_TESTS := tests/unit/test_fuzz_inputs.py tests/unit/test_grammar_bounds.py tests/unit/test_gguf.py tests/mesh/test_wire.py tests/mesh/test_hostile.py tests/integration/test_fuzz_routes.py
+# Long fuzz run of every decoder and validator (make test runs the same properties briefly), and a
+# long schemathesis run of every route against /openapi.json (SCHEMATHESIS_EXAMPLES per operation and mode).
+FUZZ_TESTS := tests/unit/test_fuzz_inputs.py tests/unit/test_grammar_bounds.py tests/unit/test_gguf.py tests/mesh/test_wire.py tests/mesh/test_hostile.py tests/integration/test_fuzz_routes.py tests/integration/test_openapi.py
+SCHEMATHESIS_EXAMPLES ?= 200
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q --timeout 3600 $(FUZZ_TESTS)
+	HYPOTHESIS_PROFILE=fuzz SCHEMATHESIS_EXAMPLES=$(SCHEMATHESIS_EXAMPLES) $(PY) -m pytest -q --timeout 3600 $(FUZZ_TESTS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit

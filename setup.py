@@ -49,6 +49,14 @@ setup(
             "hypothesis>=6.100",
             "openai>=1.40",
             "ollama>=0.3",
+            # tests/integration/test_openapi.py: property-based runs against /openapi.json, and its validation
+            "schemathesis>=4.32.5,<4.33",
+            "openapi-spec-validator>=0.9,<0.10",
+            # tests/integration/test_client_replay.py, test_sdk_clients.py: tool arguments against their JSON Schema
+            "jsonschema>=4.18",
+            # tests/integration/test_sdk_clients.py: LangChain's Ollama and OpenAI chat models with bound tools
+            "langchain-ollama>=1.0,<2",
+            "langchain-openai>=1.0,<2",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.11"],
         "bench": ["matplotlib>=3.8"],

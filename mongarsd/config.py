@@ -107,7 +107,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    enabled: bool = False
+    enabled: bool | None = None  # None: on when a cluster keyring exists (`mongarsd keys generate|install`)
     bind_host: str = "0.0.0.0"
     gossip_port: int = DEFAULT_GOSSIP_PORT
     advertise_host: str = ""
@@ -118,6 +118,16 @@ class MeshConfig:
     timing: str = "lan"
     mdns: bool = True
     hop_limit: int = 2
+
+
+@dataclass(frozen=True)
+class HandsConfig:
+    """Mains Virtuelles: the daemon's own tools for the persona (cognition/hands.py)."""
+
+    enabled: bool = True
+    tools: tuple[str, ...] = ()  # empty: every built-in hand
+    timezone: str = ""  # IANA name for the clock hand; empty: the system's local time
+    max_rounds: int = 1  # generation rounds per answer that may call hands (then the answer)
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    hands: HandsConfig = field(default_factory=HandsConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
 
 
@@ -195,6 +206,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "mesh.timing": _choice("lan", "local"),
     "mesh.hop_limit": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
     "maintenance.idle_after_s": _non_negative,
+    "hands.max_rounds": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
 }
 
 

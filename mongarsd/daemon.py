@@ -22,6 +22,7 @@ from aiohttp import web
 from mongarsd.api.app import AppContext, create_app
 from mongarsd.api.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner, fd_limited_max_total
 from mongarsd.board import BoardInfo
+from mongarsd.cognition.hands import Hands
 from mongarsd.config import LoadedConfig
 from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, HTTP_CLOSE_MARGIN_S, HTTP_FD_RESERVE, LOOP_LAG_INTERVAL_S
 from mongarsd.errors import ConfigError, MongarsError
@@ -368,6 +369,10 @@ class Daemon:
             history_turns=cfg.memory.history_turns,
             default_model=cfg.inference.default_model,
             max_tokens_default=cfg.inference.max_tokens_default,
+            hands=self._hands(),
+            board=self.board.profile,
+            timezone=cfg.hands.timezone or None,
+            max_tool_rounds=cfg.hands.max_rounds,
         )
         metrics.add_source(hippocampus.metrics)
         metrics.add_source(pipeline.metrics)
@@ -381,6 +386,16 @@ class Daemon:
         while True:
             await asyncio.sleep(EMBED_IDLE_CHECK_S)
             await embedder.async_unload_if_idle()
+
+    def _hands(self) -> Hands | None:
+        """Mains Virtuelles for the persona, as configured ([hands] enabled, tools)."""
+        hcfg = self.loaded.config.hands
+        if not hcfg.enabled:
+            return None
+        try:
+            return Hands(enabled=hcfg.tools or None)
+        except ValueError as err:
+            raise ConfigError("hands.tools: " + str(err)) from None
 
     def _mesh_service(self, manager: InferenceManager, db: Database, metrics: Metrics, tasks: TaskSupervisor) -> MeshService:
         """The peer mesh (gossip, discovery, scheduler); it stays idle unless mesh.enabled. Its routes always exist."""

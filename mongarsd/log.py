@@ -27,7 +27,8 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     if use_json:
         processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))
+        # plain tracebacks: the rich formatter (used when rich is installed) reads source files on the loop
+        processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from blockbuster import BlockingError, blockbuster_ctx
 from hypothesis import HealthCheck, settings
 from pytest_asyncio import is_async_test
@@ -208,6 +209,15 @@ def requires_models(*paths: Path) -> pytest.MarkDecorator:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires_models(*paths): needs these model files (see requires_models)")
+    # structlog's default console renderer formats tracebacks with rich when it is installed (a
+    # test dependency pulls it in), which reads source files inside the event loop: plain ones
+    processors = [
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if isinstance(p, structlog.dev.ConsoleRenderer)
+        else p
+        for p in structlog.get_config()["processors"]
+    ]
+    structlog.configure(processors=processors)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -71,7 +71,7 @@ __all__ = ["CTX", "PRINCIPAL", "AppContext", "Principal", "create_app"]
 
 def create_app(ctx: AppContext, route_setups: list[Callable[[web.Application], None]] | None = None) -> web.Application:
     """Build the app: middlewares in order, then every surface's routes."""
-    from mongarsd.api import admin, ops
+    from mongarsd.api import admin, openapi, ops
     from mongarsd.api.middlewares import async_add_request_id, build_middlewares
 
     cfg = ctx.loaded.config
@@ -81,6 +81,7 @@ def create_app(ctx: AppContext, route_setups: list[Callable[[web.Application], N
     app[CTX] = ctx
     app.on_response_prepare.append(async_add_request_id)
     ops.setup_routes(app)
+    openapi.setup_routes(app)  # /openapi.json and /docs: built from the route table when first asked
     admin.setup_routes(app)
     for setup in route_setups or []:
         setup(app)

@@ -26,6 +26,18 @@ from mongarsd.errors import NotFoundError, UnavailableError
 from mongarsd.inference.events import TokenEvent
 from mongarsd.inference.manager import InferenceManager
 from mongarsd.inference.sampling import SamplingSpec, build_params
+from mongarsd.inference.tools import (
+    FINISH_REPEATED,
+    NO_TOOLS,
+    GenEvent,
+    ToolSet,
+    answered_calls,
+    async_split_calls,
+    prepare_messages,
+    template_supports_tools,
+    with_tools,
+    without_tools,
+)
 
 log = structlog.get_logger("mongarsd.api.generation")
 
@@ -58,23 +70,27 @@ async def async_chat_events(
     request: web.Request,
     *,
     model: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     spec: SamplingSpec,
     keep_alive_s: float | None,
     info: GenInfo,
     stream: bool,
     raw_prompt: str | None = None,
-) -> AsyncGenerator[TokenEvent, None]:
-    """Yield the token events of one chat (or, with raw_prompt, plain completion) request.
+    tools: ToolSet = NO_TOOLS,
+) -> AsyncGenerator[GenEvent, None]:
+    """Yield the events of one chat (or, with raw_prompt, plain completion) request.
 
-    Errors that refuse the request (unknown model, overload, context overflow) are raised at
-    the first iteration, before anything has been sent to the client.
+    Text comes as TokenEvents, calls to the client's tools as whole ToolCallEvents, and the
+    last TokenEvent has finish_reason set ("tool_calls" when calls were made). Errors that
+    refuse the request (unknown model, overload, context overflow, bad tools) are raised at the
+    first iteration, before anything has been sent to the client.
     """
     ctx = request.app[CTX]
     if is_persona(model):
-        async for event in _async_persona_events(request, ctx, messages=messages, spec=spec, info=info, stream=stream):
+        async for event in _async_persona_events(request, ctx, messages=messages, spec=spec, info=info, stream=stream, tools=tools):
             yield event
         return
+    spec = with_tools(spec, tools)
     manager = _manager(ctx)
     check_prompt_chars(
         messages if raw_prompt is None else [{"content": raw_prompt}],
@@ -85,24 +101,44 @@ async def async_chat_events(
         info.model = lease.entry.id
         info.load_s = lease.load_s
         engine = lease.engine
-        if raw_prompt is None:
-            # rendering the chat template (jinja) and tokenizing run off the loop, however short
-            tokens = await asyncio.to_thread(engine.tokenize_chat, messages)
-        else:
-            tokens = await engine.async_tokenize(raw_prompt, True, False)
-        info.prompt_tokens = len(tokens)
-        params = build_params(spec, n_prompt=len(tokens), n_ctx=engine.n_ctx_per_slot, max_tokens_default=manager.max_tokens_default)
-        agen = engine.async_generate(tokens, params)
-        try:
-            async for event in agen:
-                yield event
-        finally:
-            await agen.aclose()  # frees the slot at once when the client went away
+        answered = answered_calls(messages) if raw_prompt is None else frozenset()
+        for attempt_tools in (tools, NO_TOOLS):
+            # a model that only repeats a call already answered gets asked once more, for text
+            attempt_spec = spec if attempt_tools is tools else without_tools(spec)
+            if raw_prompt is None:
+                template = engine.chat_template
+                native = template is not None and not template.is_fallback and template_supports_tools(template.source)
+                chat, template_tools = prepare_messages(messages, attempt_tools, native=native)
+                # rendering the chat template (jinja) and tokenizing run off the loop, however short
+                tokens = await asyncio.to_thread(engine.tokenize_chat, chat, tools=template_tools)
+            else:
+                tokens = await engine.async_tokenize(raw_prompt, True, False)
+            info.prompt_tokens = len(tokens)
+            params = build_params(
+                attempt_spec, n_prompt=len(tokens), n_ctx=engine.n_ctx_per_slot, max_tokens_default=manager.max_tokens_default
+            )
+            agen = async_split_calls(engine.async_generate(tokens, params), attempt_tools, prompt_tokens=len(tokens), answered=answered)
+            try:
+                async for event in agen:
+                    if isinstance(event, TokenEvent) and event.finish_reason == FINISH_REPEATED:
+                        break
+                    yield event
+                else:
+                    return
+            finally:
+                await agen.aclose()  # frees the slot at once when the client went away
 
 
 async def _async_persona_events(
-    request: web.Request, ctx: AppContext, *, messages: list[dict[str, str]], spec: SamplingSpec, info: GenInfo, stream: bool
-) -> AsyncGenerator[TokenEvent, None]:
+    request: web.Request,
+    ctx: AppContext,
+    *,
+    messages: list[dict[str, Any]],
+    spec: SamplingSpec,
+    info: GenInfo,
+    stream: bool,
+    tools: ToolSet,
+) -> AsyncGenerator[GenEvent, None]:
     pipeline = ctx.pipeline
     if pipeline is None:
         raise NotFoundError("unknown model " + PERSONA_MODEL_ID + ": memory pipeline not enabled", param="model")
@@ -111,10 +147,10 @@ async def _async_persona_events(
     principal = principal_of(request)
     info.model = PERSONA_MODEL_ID
     # the pipeline builds the real prompt and sizes the reply once it knows its length
-    events = pipeline.async_chat_messages(principal.user, messages, stream, spec)
+    events = pipeline.async_chat_messages(principal.user, messages, stream, spec, role=principal.role, tools=tools)
     try:
         async for event in events:
-            if event.finish_reason is not None:
+            if isinstance(event, TokenEvent) and event.finish_reason is not None:
                 info.prompt_tokens = event.prompt_tokens
             yield event
     finally:

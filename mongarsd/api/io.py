@@ -19,6 +19,8 @@ log = structlog.get_logger("mongarsd.api.io")
 MAX_JSON_DEPTH = 64  # nested objects/lists in a request body
 BODY_READ_TIMEOUT_S = 30.0  # a client must finish sending its request body within this
 MAX_NUMBER_MAGNITUDE = 2.0**63  # integers fields never need more; larger values are range errors
+# The request's parsed JSON body: parsed once (by the validation middleware or the handler), then reused.
+JSON_BODY = web.RequestKey("mongarsd_json_body", dict)
 
 
 def _refuse_constant(name: str) -> float:
@@ -99,7 +101,10 @@ async def async_read_body(request: web.Request) -> bytes:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """Read a JSON object body or raise ValidationError saying what is wrong with it."""
+    """Read a JSON object body or raise ValidationError saying what is wrong with it; parsed once per request."""
+    cached: dict[str, Any] | None = request.get(JSON_BODY)
+    if cached is not None:
+        return cached
     raw = await async_read_body(request)
     if not raw.strip():
         raise ValidationError("request body is empty; expected a JSON object", param="body")
@@ -110,6 +115,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     data = parse_json_text(text)
     if not isinstance(data, dict):
         raise ValidationError(f"request body must be a JSON object, got {type(data).__name__}", param="body")
+    request[JSON_BODY] = data
     return data
 
 

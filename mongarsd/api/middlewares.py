@@ -1,4 +1,4 @@
-"""Middlewares: request ids, metrics and error envelopes; CORS; auth and rate limits."""
+"""Middlewares: request ids, metrics and error envelopes; CORS; auth and rate limits; request validation."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mongarsd.api.auth import LOCAL_ADMIN_USER, PRINCIPAL, REQUEST_ID, Principal
 from mongarsd.api.errors import error_response
 from mongarsd.api.forwarding import async_authenticate_peer
 from mongarsd.api.streaming import CLIENT_CLOSED_STATUS
+from mongarsd.api.validation import validation_middleware
 from mongarsd.const import TOKEN_PREFIX
 from mongarsd.errors import (
     AuthError,
@@ -221,7 +222,9 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             return Principal(user=LOCAL_ADMIN_USER, role="admin", token_id=None, loopback=True)
         return None
 
-    return [envelope_middleware, cors_middleware, auth_middleware]
+    # validation runs after auth (an unauthenticated caller learns nothing about bodies) and
+    # inside the envelope, so each surface answers its refusals in its own error shape
+    return [envelope_middleware, cors_middleware, auth_middleware, validation_middleware]
 
 
 async def async_add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:

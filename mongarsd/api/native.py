@@ -10,7 +10,7 @@ from aiohttp import web
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of
 from mongarsd.api.io import dumps_bytes, get_bool, get_int, get_number, get_str, json_response, query_int, read_json
-from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ConversationPipeline, sanitize_message, validate_session_id
+from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ChatToolCall, ConversationPipeline, sanitize_message, validate_session_id
 from mongarsd.errors import MongarsError, UnavailableError, ValidationError
 from mongarsd.inference.sampling import SamplingSpec
 from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, MEMORY_KINDS, Hippocampus
@@ -62,7 +62,8 @@ def parse_spec(body: dict[str, Any]) -> SamplingSpec:
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     pipeline = _pipeline(request)
-    user = principal_of(request).user
+    principal = principal_of(request)
+    user = principal.user
     body = await read_json(request)
     message = sanitize_message(body.get("message"), max_chars=pipeline.max_message_chars)
     session_id = validate_session_id(body.get("session_id"))
@@ -70,17 +71,20 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     stream = get_bool(body, "stream", default=False)
     spec = parse_spec(body)
     if not stream:
-        result = await pipeline.async_chat(user, message, session_id, model=model, spec=spec)
+        result = await pipeline.async_chat(user, message, session_id, model=model, spec=spec, role=principal.role)
         return json_response(result.public())
-    events = await pipeline.async_chat(user, message, session_id, stream=True, model=model, spec=spec)
+    events = await pipeline.async_chat(user, message, session_id, stream=True, model=model, spec=spec, role=principal.role)
     try:
         first = await events.__anext__()  # refusals become plain HTTP errors before any byte is sent
         resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        item: ChatChunk | ChatResult | None = first
+        item: ChatChunk | ChatToolCall | ChatResult | None = first
         while item is not None:
             if isinstance(item, ChatChunk):
                 line: dict[str, Any] = {"delta": item.text, "done": False}
+            elif isinstance(item, ChatToolCall):  # no client tools on this route: never sent
+                item = await anext(events, None)
+                continue
             else:
                 line = {**item.public(), "done": True}
             await resp.write(dumps_bytes(line) + b"\n")

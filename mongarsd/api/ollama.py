@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +16,7 @@ from mongarsd.api.app import CTX
 from mongarsd.api.auth import public
 from mongarsd.api.generation import GenInfo, async_chat_events, async_forward
 from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
-from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop
+from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop, parse_tools
 from mongarsd.api.openai import async_embed_texts, embedder_of, parse_embed_input
 from mongarsd.api.streaming import DisconnectGuard, StreamWriter, async_collect, async_first
 from mongarsd.const import PERSONA_MODEL_ID
@@ -27,6 +27,7 @@ from mongarsd.inference.grammar import check_schema
 from mongarsd.inference.manager import parse_keep_alive
 from mongarsd.inference.models import ModelEntry
 from mongarsd.inference.sampling import SamplingSpec
+from mongarsd.inference.tools import NO_TOOLS, GenEvent, ToolCall, ToolCallEvent, ToolChoice, ToolSet
 
 OLLAMA_COMPAT_VERSION = "0.9.0"  # the Ollama API level these routes follow (clients check it)
 OLLAMA_MAX_STOP = 16
@@ -126,14 +127,13 @@ class OllamaRequest:
     spec: SamplingSpec
     stream: bool
     keep_alive_s: float | None
+    tools: ToolSet = NO_TOOLS
 
 
 def _common(body: Mapping[str, Any]) -> tuple[str, bool, float | None]:
     model = require_str(body, "model", max_len=MAX_MODEL_NAME_CHARS)
     stream = get_bool(body, "stream", default=True)
     keep_alive = parse_keep_alive(body.get("keep_alive"))
-    if body.get("tools"):
-        raise ValidationError("model '" + model + "' does not support tools", param="tools")
     if body.get("think") not in (None, False):
         raise ValidationError("model '" + model + "' does not support thinking", param="think")
     return model, stream, keep_alive
@@ -144,12 +144,17 @@ def parse_chat(body: Mapping[str, Any]) -> OllamaRequest:
     model, stream, keep_alive = _common(body)
     raw = body.get("messages")
     messages = [] if raw is None or raw == [] else normalize_messages(raw)
-    return OllamaRequest(model, messages, None, parse_options(body.get("options"), body.get("format")), stream, keep_alive)
+    spec = parse_options(body.get("options"), body.get("format"))
+    # Ollama has no tool_choice: the model chooses between text and a call
+    tools = ToolSet(parse_tools(body.get("tools")), ToolChoice("auto"))
+    return OllamaRequest(model, messages, None, spec, stream, keep_alive, tools)
 
 
 def parse_generate(body: Mapping[str, Any]) -> OllamaRequest:
     """Validate an /api/generate body (pure); no prompt means load (or unload) the model only."""
     model, stream, keep_alive = _common(body)
+    if body.get("tools"):
+        raise ValidationError("'tools' are for /api/chat; /api/generate takes a prompt only", param="tools")
     prompt = get_str(body, "prompt", default="")
     system = get_str(body, "system", default="")
     raw = get_bool(body, "raw", default=False)
@@ -288,14 +293,15 @@ async def _async_generate(request: web.Request, body: dict[str, Any], req: Ollam
         info=info,
         stream=req.stream,
         raw_prompt=req.prompt,
+        tools=req.tools,
     )
     guard = DisconnectGuard(request)
     try:
         async with guard:
             first = await async_first(events)
             if not req.stream:
-                text, final = await async_collect(first, events)
-                out = _piece(info.model, text, chat=chat, done=True)
+                text, calls, final = await async_collect(first, events)
+                out = _piece(info.model, text, chat=chat, done=True, calls=calls)
                 out.update(done_fields(final, info, time.monotonic()))
                 return json_response(out)
             return await _async_stream(request, info, first, events, chat=chat)
@@ -304,10 +310,17 @@ async def _async_generate(request: web.Request, body: dict[str, Any], req: Ollam
         await events.aclose()
 
 
-def _piece(model: str, text: str, *, chat: bool, done: bool) -> dict[str, Any]:
+def tool_call_object(call: ToolCall, index: int) -> dict[str, Any]:
+    """Ollama's call shape: arguments as an object (Home Assistant iterates it)."""
+    return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": call.arguments}}
+
+
+def _piece(model: str, text: str, *, chat: bool, done: bool, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "created_at": now_iso()}
     if chat:
         out["message"] = {"role": "assistant", "content": text}
+        if calls:
+            out["message"]["tool_calls"] = [tool_call_object(c, i) for i, c in enumerate(calls)]
     else:
         out["response"] = text
     out["done"] = done
@@ -315,21 +328,28 @@ def _piece(model: str, text: str, *, chat: bool, done: bool) -> dict[str, Any]:
 
 
 async def _async_stream(
-    request: web.Request, info: GenInfo, first: TokenEvent, events: AsyncIterator[TokenEvent], *, chat: bool
+    request: web.Request, info: GenInfo, first: GenEvent, events: AsyncIterator[GenEvent], *, chat: bool
 ) -> web.StreamResponse:
     writer = StreamWriter(request, "ndjson")
     await writer.async_prepare()
     event = first
+    n_calls = 0
     try:
         while True:
-            if event.finish_reason is not None:
+            if isinstance(event, ToolCallEvent):
+                # each call arrives whole, in one line of its own
+                line = _piece(info.model, "", chat=chat, done=False)
+                line["message"]["tool_calls"] = [tool_call_object(event.call, n_calls)]
+                n_calls += 1
+                await writer.async_send(line)
+            elif event.finish_reason is not None:
                 if event.text:
                     await writer.async_send(_piece(info.model, event.text, chat=chat, done=False))
                 last = _piece(info.model, "", chat=chat, done=True)
                 last.update(done_fields(event, info, time.monotonic()))
                 await writer.async_send(last)
                 break
-            if event.text:
+            elif event.text:
                 await writer.async_send(_piece(info.model, event.text, chat=chat, done=False))
             event = await events.__anext__()
     except MongarsError as err:  # failed after the headers went out: say so in the stream
@@ -518,7 +538,7 @@ async def handle_show(request: web.Request) -> web.Response:
             "template": entry.chat_template or "",
             "details": details_of(entry),
             "model_info": model_info,
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools"],
             "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
             **({"system": "mongars persona: the full cognition pipeline with your memory"} if persona else {}),
         }

@@ -15,7 +15,7 @@ from aiohttp import web
 from mongarsd.api.app import CTX, AppContext
 from mongarsd.api.generation import GenInfo, async_chat_events, async_forward
 from mongarsd.api.io import get_bool, get_int, get_number, get_str, json_response, read_json, require_str
-from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop
+from mongarsd.api.messages import is_persona, normalize_messages, parse_seed, parse_stop, parse_tool_choice, parse_tools
 from mongarsd.api.streaming import DisconnectGuard, StreamWriter, async_collect, async_first
 from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import EmbedderUnavailableError, MongarsError, NotFoundError, OverloadedError, ValidationError
@@ -23,6 +23,7 @@ from mongarsd.inference.embed import Embedder
 from mongarsd.inference.events import Timings, TokenEvent
 from mongarsd.inference.grammar import check_schema
 from mongarsd.inference.sampling import SamplingSpec
+from mongarsd.inference.tools import FINISH_TOOL_CALLS, NO_TOOLS, GenEvent, ToolCall, ToolCallEvent, ToolSet
 
 OPENAI_MAX_STOP = 4
 SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -45,6 +46,7 @@ class OpenAIRequest:
     spec: SamplingSpec
     stream: bool
     include_usage: bool
+    tools: ToolSet = NO_TOOLS
 
 
 def _reject_if(body: Mapping[str, Any], key: str, ok: Callable[[Any], bool], why: str) -> None:
@@ -62,8 +64,6 @@ def parse_sampling(body: Mapping[str, Any]) -> SamplingSpec:
     _reject_if(body, "logprobs", lambda v: v is False or v == 0, "is not supported by this server")
     _reject_if(body, "top_logprobs", lambda v: v == 0, "is not supported by this server")
     _reject_if(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "is not supported by this server")
-    _reject_if(body, "tools", lambda v: isinstance(v, list) and not v, "are not supported by this server's models (no tool calling)")
-    _reject_if(body, "functions", lambda v: isinstance(v, list) and not v, "are not supported by this server's models (no tool calling)")
     _reject_if(body, "audio", lambda v: False, "output is not supported by this server")
     _reject_if(body, "modalities", lambda v: v == ["text"], 'must be ["text"]: only text output is supported')
     json_mode, schema = parse_response_format(body.get("response_format"))
@@ -117,11 +117,25 @@ def _parse_common(body: Mapping[str, Any]) -> tuple[str, bool, bool]:
     return model, stream, include_usage
 
 
+def parse_toolset(body: Mapping[str, Any]) -> ToolSet:
+    """Read tools, tool_choice and parallel_tool_calls (and the legacy functions/function_call) (pure)."""
+    if body.get("tools") is not None:
+        tools = parse_tools(body.get("tools"))
+        choice = parse_tool_choice(body.get("tool_choice"), tools)
+    else:
+        legacy = body.get("functions")
+        wrapped = [{"type": "function", "function": f} for f in legacy] if isinstance(legacy, list) else legacy
+        tools = parse_tools(wrapped, param="functions")
+        raw_choice = body.get("function_call")
+        choice = parse_tool_choice({"function": raw_choice} if isinstance(raw_choice, dict) else raw_choice, tools, param="function_call")
+    return ToolSet(tools, choice, parallel=get_bool(body, "parallel_tool_calls", default=True))
+
+
 def parse_chat_request(body: Mapping[str, Any]) -> OpenAIRequest:
     """Validate a /v1/chat/completions body (pure)."""
     model, stream, include_usage = _parse_common(body)
     messages = normalize_messages(body.get("messages"))
-    return OpenAIRequest(model, messages, None, parse_sampling(body), stream, include_usage)
+    return OpenAIRequest(model, messages, None, parse_sampling(body), stream, include_usage, parse_toolset(body))
 
 
 def parse_completion_request(body: Mapping[str, Any]) -> OpenAIRequest:
@@ -169,7 +183,13 @@ def timings_of(t: Timings | None) -> dict[str, Any] | None:
 
 
 def finish_reason_of(reason: str | None) -> str:
+    if reason == FINISH_TOOL_CALLS:
+        return FINISH_TOOL_CALLS
     return "length" if reason == "length" else "stop"
+
+
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,6 +222,7 @@ async def _async_generate(request: web.Request, body: dict[str, Any], req: OpenA
         info=info,
         stream=req.stream,
         raw_prompt=req.prompt,
+        tools=req.tools,
     )
     prefix = "chatcmpl-" if chat else "cmpl-"
     rid = prefix + secrets.token_hex(12)
@@ -211,8 +232,8 @@ async def _async_generate(request: web.Request, body: dict[str, Any], req: OpenA
         async with guard:
             first = await async_first(events)
             if not req.stream:
-                text, final = await async_collect(first, events)
-                return json_response(_full_response(rid, created, info.model, text, final, chat=chat))
+                text, calls, final = await async_collect(first, events)
+                return json_response(_full_response(rid, created, info.model, text, final, calls=calls, chat=chat))
             return await _async_stream(
                 request, rid=rid, created=created, info=info, first=first, events=events, chat=chat, include_usage=req.include_usage
             )
@@ -221,11 +242,17 @@ async def _async_generate(request: web.Request, body: dict[str, Any], req: OpenA
         await events.aclose()
 
 
-def _full_response(rid: str, created: int, model: str, text: str, final: TokenEvent, *, chat: bool) -> dict[str, Any]:
+def _full_response(
+    rid: str, created: int, model: str, text: str, final: TokenEvent, *, calls: list[ToolCall], chat: bool
+) -> dict[str, Any]:
     reason = finish_reason_of(final.finish_reason)
     choice: dict[str, Any]
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            # as OpenAI: no text beside the calls is null content
+            message = {"role": "assistant", "content": text if text.strip() else None, "tool_calls": [tool_call_object(c) for c in calls]}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     return {
@@ -246,8 +273,8 @@ async def _async_stream(
     rid: str,
     created: int,
     info: GenInfo,
-    first: TokenEvent,
-    events: AsyncIterator[TokenEvent],
+    first: GenEvent,
+    events: AsyncIterator[GenEvent],
     chat: bool,
     include_usage: bool,
 ) -> web.StreamResponse:
@@ -255,7 +282,7 @@ async def _async_stream(
     await writer.async_prepare()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, reason: str | None, *, role: bool = False) -> dict[str, Any]:
+    def chunk(text: str | None, reason: str | None, *, role: bool = False, call: dict[str, Any] | None = None) -> dict[str, Any]:
         choice: dict[str, Any]
         if chat:
             delta: dict[str, Any] = {}
@@ -263,6 +290,8 @@ async def _async_stream(
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if call is not None:
+                delta["tool_calls"] = [call]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
@@ -281,9 +310,17 @@ async def _async_stream(
     if chat:
         await writer.async_send(chunk("", None, role=True))
     event = first
+    n_calls = 0
     try:
         while True:
-            if event.finish_reason is not None:
+            if isinstance(event, ToolCallEvent):
+                # as OpenAI streams them: the first delta names the call, later ones carry the arguments
+                call = event.call
+                header = {"index": n_calls, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                await writer.async_send(chunk(None, None, call=header))
+                await writer.async_send(chunk(None, None, call={"index": n_calls, "function": {"arguments": call.arguments_json}}))
+                n_calls += 1
+            elif event.finish_reason is not None:
                 if event.text:
                     await writer.async_send(chunk(event.text, None))
                 last = chunk(None if chat else "", finish_reason_of(event.finish_reason))
@@ -302,7 +339,7 @@ async def _async_stream(
                         }
                     )
                 break
-            if event.text:
+            elif event.text:
                 await writer.async_send(chunk(event.text, None))
             event = await events.__anext__()
     except MongarsError as err:  # failed after the headers went out: say so in the stream

@@ -12,6 +12,7 @@ from aiohttp import web
 from mongarsd.api.io import dumps_bytes
 from mongarsd.errors import MongarsError
 from mongarsd.inference.events import TokenEvent
+from mongarsd.inference.tools import GenEvent, ToolCall, ToolCallEvent
 
 log = structlog.get_logger("mongarsd.api.streaming")
 
@@ -77,7 +78,7 @@ class DisconnectGuard:
         return False
 
 
-async def async_first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
+async def async_first(events: AsyncIterator[GenEvent]) -> GenEvent:
     """Pull the first event (so refusals become proper HTTP errors before any byte is sent)."""
     try:
         return await events.__anext__()
@@ -85,17 +86,22 @@ async def async_first(events: AsyncIterator[TokenEvent]) -> TokenEvent:
         raise MongarsError("generation ended without a final event") from None
 
 
-async def async_collect(first: TokenEvent, events: AsyncIterator[TokenEvent]) -> tuple[str, TokenEvent]:
-    """Gather the whole text and the final event."""
-    parts = [first.text]
-    final = first
-    if first.finish_reason is None:
-        async for event in events:
+async def async_collect(first: GenEvent, events: AsyncIterator[GenEvent]) -> tuple[str, list[ToolCall], TokenEvent]:
+    """Gather the whole text, the tool calls and the final event."""
+    parts: list[str] = []
+    calls: list[ToolCall] = []
+    event = first
+    while True:
+        if isinstance(event, ToolCallEvent):
+            calls.append(event.call)
+        else:
             parts.append(event.text)
-            final = event
             if event.finish_reason is not None:
-                break
-    return "".join(parts), final
+                return "".join(parts), calls, event
+        try:
+            event = await events.__anext__()
+        except StopAsyncIteration:
+            raise MongarsError("generation ended without a final event") from None
 
 
 # ----------------------------------------------------------------------------------------

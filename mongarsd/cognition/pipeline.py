@@ -20,12 +20,37 @@ from typing import Any, Literal, overload
 import structlog
 
 from mongarsd.cognition import bouche, mimicry, personality
+from mongarsd.cognition.hands import HandContext, HandResult, Hands
 from mongarsd.cognition.prompt import Msg, PromptParts, fit
 from mongarsd.errors import EmbedderUnavailableError, InferenceError, MongarsError, StoreError, ValidationError
 from mongarsd.inference.events import TokenEvent
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.manager import InferenceManager
-from mongarsd.inference.sampling import SamplingSpec, build_params, check_fits, context_limit, reply_reserve
+from mongarsd.inference.sampling import (
+    GenerationParams,
+    SamplingSpec,
+    build_params,
+    check_fits,
+    context_limit,
+    reply_reserve,
+)
+from mongarsd.inference.tools import (
+    FINISH_REPEATED,
+    FINISH_TOOL_CALLS,
+    NO_TOOLS,
+    GenEvent,
+    ToolCall,
+    ToolCallEvent,
+    ToolChoice,
+    ToolSet,
+    ToolSpec,
+    answered_calls,
+    async_split_calls,
+    prepare_messages,
+    template_supports_tools,
+    with_tools,
+    without_tools,
+)
 from mongarsd.memory.hippocampus import Hippocampus, Message, RecallResult
 from mongarsd.memory.profiles import ProfileRow, ProfileStore
 from mongarsd.sanitize import clean_text
@@ -41,6 +66,7 @@ MAX_SESSION_ID_CHARS = 100
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PERSONA_SESSION_ID = "default"
+MAX_TOOL_ROUNDS = 1  # generation rounds that may call the daemon's hands before the answer
 STAGES = ("validate", "history", "recall", "profile", "prompt", "first_token", "generate", "shape", "persist", "total")
 
 
@@ -66,6 +92,13 @@ class ChatChunk:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class ChatToolCall:
+    """The answer calls one of the client's own tools: sent to the client, never run here."""
+
+    call: ToolCall
+
+
 @dataclass(slots=True)
 class ChatResult:
     response: str
@@ -79,6 +112,8 @@ class ChatResult:
     timings_ms: dict[str, float]
     degraded: list[str] = field(default_factory=list)
     memory_id: int | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # calls to the client's tools
+    hands_used: list[dict[str, Any]] = field(default_factory=list)  # Mains Virtuelles calls run for this answer
 
     @property
     def processing_time_ms(self) -> float:
@@ -97,6 +132,8 @@ class ChatResult:
             "usage": self.usage,
             "degraded": self.degraded,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+            "tool_calls": self.tool_calls,
+            "hands_used": self.hands_used,
         }
 
 
@@ -190,6 +227,10 @@ class ConversationPipeline:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_message_chars: int = MAX_MESSAGE_CHARS,
         timeouts: StageTimeouts | None = None,
+        hands: Hands | None = None,
+        board: str = "generic",
+        timezone: str | None = None,
+        max_tool_rounds: int = MAX_TOOL_ROUNDS,
     ) -> None:
         self.hippocampus = hippocampus
         self.llm = llm
@@ -201,6 +242,10 @@ class ConversationPipeline:
         self.system_prompt = system_prompt
         self.max_message_chars = max_message_chars
         self.timeouts = timeouts or StageTimeouts()
+        self.hands = hands
+        self.board = board
+        self.timezone = timezone
+        self.max_tool_rounds = max_tool_rounds
         self.turns_total = 0
         self.failures_total = 0
         self.degraded_total: dict[str, int] = {}
@@ -222,11 +267,11 @@ class ConversationPipeline:
     @overload
     async def async_chat(
         self, user: str, message: object, session_id: object = None, *, stream: Literal[True], **kw: Any
-    ) -> AsyncGenerator[ChatChunk | ChatResult, None]: ...
+    ) -> AsyncGenerator[ChatChunk | ChatToolCall | ChatResult, None]: ...
 
     async def async_chat(
         self, user: str, message: object, session_id: object = None, *, stream: bool = False, **kw: Any
-    ) -> ChatResult | AsyncGenerator[ChatChunk | ChatResult, None]:
+    ) -> ChatResult | AsyncGenerator[ChatChunk | ChatToolCall | ChatResult, None]:
         """Run one turn. stream=False: the final ChatResult. stream=True: an iterator of ChatChunk then one ChatResult.
 
         Keyword args: model, spec (SamplingSpec: the client's sampling settings), and context
@@ -246,35 +291,47 @@ class ConversationPipeline:
         *,
         session_id: str | None = None,
         model: str | None = None,
-    ) -> AsyncGenerator[TokenEvent, None]:
-        """Run the persona `mongars` on OpenAI-style messages; yield engine-style TokenEvents.
+        role: str = "user",
+        tools: ToolSet = NO_TOOLS,
+    ) -> AsyncGenerator[GenEvent, None]:
+        """Run the persona `mongars` on chat messages; yield engine-style events.
 
-        The last message must come from the user: it is the turn (stored with the answer).
-        Earlier user/assistant messages, when given, replace the stored history in the
-        prompt; system messages are added to the system prompt. Recall and style use the
-        caller's own memory and profile. stream=True yields the raw pieces as they come and
-        the final event carries any closing text Bouche added; stream=False yields the whole
-        shaped answer as one piece. The final event has finish_reason and token counts.
+        The last user message is the turn (stored with the answer). Earlier user/assistant
+        messages, when given, replace the stored history in the prompt; system messages are
+        added to the system prompt. Messages after the last user message are the turn's tool
+        exchange: a client sending its tools' results back (the last message is then a tool
+        result) continues the turn. Recall and style use the caller's own memory and profile.
+        `tools` are the client's own tools: a call to one is yielded as a ToolCallEvent, never
+        run here; the daemon's own hands (Mains Virtuelles) run inside the turn.
+        stream=True yields the raw pieces as they come and the final event carries any
+        closing text Bouche added; stream=False yields the whole shaped answer as one piece.
+        The final event has finish_reason ("tool_calls" when the client's tools were called)
+        and token counts.
         """
         if not isinstance(messages, Sequence) or not messages:
             raise ValidationError("'messages' must be a non-empty list", param="messages")
         history: list[Msg] = []
         extra_system: list[str] = []
+        last_user = max((n for n, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"), default=-1)
+        if last_user < 0:
+            raise ValidationError("the messages must contain a message with role 'user'", param="messages")
+        exchange: list[dict[str, Any]] = []
         for n, m in enumerate(messages):
             if not isinstance(m, Mapping):
                 raise ValidationError(f"messages[{n}] must be an object", param=f"messages[{n}]")
-            role = m.get("role")
+            role_n = m.get("role")
             text = content_text(m.get("content"), f"messages[{n}].content")
-            if role in ("system", "developer"):
+            if role_n in ("system", "developer"):
                 extra_system.append(text)
-            elif role in ("user", "assistant"):
-                history.append({"role": str(role), "content": text})
-            elif role == "tool":
-                continue  # tool results belong to the raw-model surface
-            else:
-                raise ValidationError(f"messages[{n}].role must be system, user or assistant", param=f"messages[{n}].role")
-        if not history or history[-1]["role"] != "user":
-            raise ValidationError("the last message must have role 'user'", param="messages")
+            elif n > last_user and role_n in ("assistant", "tool"):
+                exchange.append(dict(m))
+            elif role_n in ("user", "assistant"):
+                if text or role_n == "user":  # assistant turns that only called tools carry no text
+                    history.append({"role": str(role_n), "content": text})
+            elif role_n != "tool":  # older tool results are not replayed into the prompt
+                raise ValidationError(f"messages[{n}].role must be system, user, assistant or tool", param=f"messages[{n}].role")
+        if exchange and exchange[-1].get("role") != "tool":
+            raise ValidationError("the last message must have role 'user' or 'tool'", param="messages")
         turn = history.pop()
         it = self.async_chat_stream(
             user,
@@ -284,6 +341,9 @@ class ConversationPipeline:
             spec=spec,
             history_override=history if history else None,
             extra_system=extra_system,
+            role=role,
+            tools=tools,
+            exchange=exchange,
         )
         raw: list[str] = []
         try:
@@ -292,6 +352,9 @@ class ConversationPipeline:
                     raw.append(item.text)
                     if stream:
                         yield TokenEvent(item.text, 0)
+                    continue
+                if isinstance(item, ChatToolCall):
+                    yield ToolCallEvent(item.call)
                     continue
                 tail = item.response if not stream else shaped_suffix("".join(raw), item.response)
                 yield TokenEvent(
@@ -318,8 +381,17 @@ class ConversationPipeline:
         context: Sequence[str] = (),
         history_override: Sequence[Msg] | None = None,
         extra_system: Sequence[str] = (),
-    ) -> AsyncGenerator[ChatChunk | ChatResult, None]:
-        """Yield ChatChunk pieces while generating, then exactly one ChatResult once the turn is durable."""
+        role: str = "user",
+        tools: ToolSet = NO_TOOLS,
+        exchange: Sequence[Mapping[str, Any]] = (),
+    ) -> AsyncGenerator[ChatChunk | ChatToolCall | ChatResult, None]:
+        """Yield ChatChunk pieces while generating, then exactly one ChatResult once the turn is durable.
+
+        The model may call the daemon's hands (run here, their results fed back, at most
+        max_tool_rounds times) or the client's `tools` (yielded as ChatToolCall; the turn ends
+        there). `exchange`: the turn's tool messages so far (a client returning its tools'
+        results); the user's message was stored by the request that made those calls.
+        """
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         degraded: list[str] = []
@@ -359,57 +431,107 @@ class ConversationPipeline:
             context=list(context),
         )
 
+        continuation = bool(exchange)
+        turn_exchange: list[dict[str, Any]] = [dict(m) for m in exchange]
+        new_exchange: list[dict[str, Any]] = []  # what this request adds before the answer (hands' turns)
+        if continuation:  # the client's tool results after the last assistant turn are stored with the answer
+            last_assistant = max((i for i, m in enumerate(turn_exchange) if m.get("role") == "assistant"), default=-1)
+            new_exchange = [m for m in turn_exchange[last_assistant + 1 :] if m.get("role") == "tool"]
+        hands_used: list[dict[str, Any]] = []
+        client_calls: list[ToolCall] = []
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        hand_ctx = HandContext(user=user, role=role, hippocampus=self.hippocampus, board=self.board, timezone=self.timezone)
         async with self._async_engine(model, timings) as (engine, model_id):
-            t0 = time.perf_counter()
+            template = engine.chat_template
+            native = template is not None and not template.is_fallback and template_supports_tools(template.source)
             n_ctx = context_limit(spec, int(engine.n_ctx_per_slot))
             reserve = reply_reserve(spec, self.max_tokens_default)
             if n_ctx - reserve < 1:
                 check_fits(1, reserve, n_ctx)  # the one overflow message: nothing fits beside the reply
+            rounds = 0
+            text_only = False  # set when the model only repeated a call already answered
+            while True:
+                toolset = NO_TOOLS if text_only else self._round_tools(tools, role, text, rounds, continuation=continuation)
+                round_spec = with_tools(spec, toolset)
+                if not toolset.active and any(m.get("tool_calls") for m in turn_exchange):
+                    # the answer round: a model that imitates the calls above it stops there
+                    round_spec = without_tools(round_spec)
+                t0 = time.perf_counter()
 
-            def tokenize(msgs: list[Msg]) -> list[int]:
-                return list(engine.tokenize_chat(msgs))
+                def tokenize(
+                    msgs: list[Msg], toolset: ToolSet = toolset, done: Sequence[Mapping[str, Any]] = tuple(turn_exchange)
+                ) -> list[int]:
+                    chat, template_tools = prepare_messages([*msgs, *done], toolset, native=native)
+                    return list(engine.tokenize_chat(chat, tools=template_tools))
 
-            # the fitted prompt's token ids are carried through to generation, never tokenized again
-            fitted = await asyncio.wait_for(asyncio.to_thread(fit, parts, tokenize, n_ctx - reserve), self.timeouts.prompt_s)
-            tokens = fitted.token_ids
-            gparams = build_params(spec, n_prompt=len(tokens), n_ctx=int(engine.n_ctx_per_slot), max_tokens_default=self.max_tokens_default)
-            timings["prompt"] = _ms(t0)
-            memories = memories[: fitted.memories_kept]
-
-            t_gen = time.perf_counter()
-            pieces: list[str] = []
-            final: Any = None
-            first = True
-            gen_iter = engine.async_generate(tokens, gparams, cache_key=f"{user}\x1f{sid}")
-            try:
-                async with asyncio.timeout(self.timeouts.generate_s) as deadline:
-                    if first:
-                        deadline.reschedule(asyncio.get_running_loop().time() + min(self.timeouts.first_token_s, self.timeouts.generate_s))
-                    async for ev in gen_iter:
-                        if first:
-                            first = False
-                            timings["first_token"] = _ms(t_gen)  # queue wait + prefill
-                            deadline.reschedule(asyncio.get_running_loop().time() + self.timeouts.generate_s)
-                        if ev.text:
-                            pieces.append(ev.text)
-                            yield ChatChunk(ev.text)
-                        if ev.finish_reason is not None:
-                            final = ev
-            except TimeoutError:
-                self.failures_total += 1
-                raise InferenceError(f"generation timed out (limit {self.timeouts.generate_s:g} s)") from None
-            finally:
-                await gen_iter.aclose()
-            timings["generate"] = _ms(t_gen)
-        if final is None:
-            raise InferenceError("the model stopped without finishing the answer")
+                # the fitted prompt's token ids are carried through to generation, never tokenized again
+                fitted = await asyncio.wait_for(asyncio.to_thread(fit, parts, tokenize, n_ctx - reserve), self.timeouts.prompt_s)
+                tokens = fitted.token_ids
+                gparams = build_params(
+                    round_spec, n_prompt=len(tokens), n_ctx=int(engine.n_ctx_per_slot), max_tokens_default=self.max_tokens_default
+                )
+                timings["prompt"] = timings.get("prompt", 0.0) + _ms(t0)
+                memories = memories[: fitted.memories_kept]
+                pieces: list[str] = []
+                calls: list[ToolCall] = []
+                final = None
+                answered = answered_calls([{"role": "user"}, *turn_exchange])
+                async for item in self._async_generate(
+                    engine, tokens, gparams, toolset=toolset, answered=answered, cache_key=f"{user}\x1f{sid}", timings=timings
+                ):
+                    if isinstance(item, ToolCallEvent):
+                        calls.append(item.call)
+                    elif item.finish_reason is not None:
+                        final = item
+                    elif item.text:
+                        pieces.append(item.text)
+                        yield ChatChunk(item.text)
+                if final is None:
+                    raise InferenceError("the model stopped without finishing the answer")
+                if final.finish_reason == FINISH_REPEATED and not text_only:
+                    text_only = True
+                    continue
+                for key in usage:
+                    usage[key] += int(getattr(final, key))
+                client_calls = [c for c in calls if tools.active and tools.get(c.name) is not None]
+                hand_calls = [c for c in calls if c not in client_calls and self.hands is not None and self.hands.get(c.name)]
+                if client_calls or not hand_calls:
+                    break
+                for call in client_calls:
+                    yield ChatToolCall(call)
+                results = await asyncio.gather(*(self._async_run_hand(c, hand_ctx) for c in hand_calls))
+                step: list[dict[str, Any]] = [
+                    {"role": "assistant", "content": "".join(pieces), "tool_calls": [c.as_message_call() for c in hand_calls]}
+                ]
+                for call, result in zip(hand_calls, results, strict=True):
+                    step.append({"role": "tool", "content": result.content, "tool_call_id": call.id, "tool_name": call.name})
+                    hands_used.append({"name": call.name, "arguments": call.arguments, "ok": result.ok, "result": result.data})
+                turn_exchange += step
+                new_exchange += step
+                rounds += 1
+            for call in client_calls:
+                yield ChatToolCall(call)
+        timings["generate"] = timings.get("generate", 0.0)
 
         t0 = time.perf_counter()
-        answer = bouche.shape("".join(pieces), truncated=final.finish_reason == "length")
+        reason = FINISH_TOOL_CALLS if client_calls else str(final.finish_reason)
+        raw_answer = "".join(pieces)
+        answer = raw_answer.strip() if client_calls else bouche.shape(raw_answer, truncated=final.finish_reason == "length")
         timings["shape"] = _ms(t0)
 
         t0 = time.perf_counter()
-        stored = await self._async_persist(user, sid=sid, text=text, answer=answer, model_id=model_id, final=final, degraded=degraded)
+        stored = await self._async_persist(
+            user,
+            sid=sid,
+            text=text,
+            answer=answer,
+            model_id=model_id,
+            final=usage,
+            degraded=degraded,
+            exchange=new_exchange,
+            answer_calls=[c.as_message_call() for c in client_calls],
+            store_user=not continuation,
+        )
         timings["persist"] = _ms(t0)
         timings["total"] = _ms(t_start)
         self.turns_total += 1
@@ -418,26 +540,105 @@ class ConversationPipeline:
                 self.stage_seconds_total[stage] += ms / 1000.0
         for d in degraded:
             self.degraded_total[d] = self.degraded_total.get(d, 0) + 1
-        usage = {
-            "prompt_tokens": int(final.prompt_tokens),
-            "completion_tokens": int(final.completion_tokens),
-            "total_tokens": int(final.prompt_tokens + final.completion_tokens),
-            "cached_tokens": int(final.cached_tokens),
+        usage_out = {
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+            "cached_tokens": usage["cached_tokens"],
         }
-        log.info("chat_turn", user=user, session=sid, model=model_id, ms=round(timings["total"], 1), degraded=degraded or None, **usage)
+        log.info(
+            "chat_turn",
+            user=user,
+            session=sid,
+            model=model_id,
+            ms=round(timings["total"], 1),
+            degraded=degraded or None,
+            hands=[h["name"] for h in hands_used] or None,
+            tool_calls=len(client_calls) or None,
+            **usage_out,
+        )
         yield ChatResult(
             response=answer,
             session_id=sid,
             message_id=stored.assistant_message_id,
             user_message_id=stored.user_message_id,
             model=model_id,
-            finish_reason=str(final.finish_reason),
-            usage=usage,
+            finish_reason=reason,
+            usage=usage_out,
             memories_used=memories,
             timings_ms=timings,
             degraded=degraded,
             memory_id=stored.memory_id,
+            tool_calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in client_calls],
+            hands_used=hands_used,
         )
+
+    # ---------------------------------------------------------------- tools
+
+    def _round_tools(self, client: ToolSet, role: str, text: str, rounds: int, *, continuation: bool) -> ToolSet:
+        """The tools one generation round offers: the client's, and the daemon's hands while rounds remain.
+
+        A client's forced choice (required, a named tool) offers only its tools. A user who asks
+        for a hand by name (or asks a plain arithmetic question) gets that hand forced on the
+        first round; later rounds let the model choose, and the last one answers in text.
+        """
+        if client.forced:
+            return client
+        hands: tuple[ToolSpec, ...] = ()
+        if self.hands is not None and rounds < self.max_tool_rounds:
+            hands = tuple(
+                ToolSpec(h.name, h.description, h.parameters)
+                for h in self.hands.allowed(role)
+                if not client.active or client.get(h.name) is None
+            )
+        offered = (client.tools if client.active else ()) + hands
+        if not offered:
+            return NO_TOOLS
+        if rounds == 0 and not continuation and self.hands is not None:
+            wanted = self.hands.requested(text, role)
+            if wanted is not None and any(h.name == wanted for h in hands):
+                return ToolSet(offered, ToolChoice("function", wanted), parallel=False)
+        return ToolSet(offered, ToolChoice("auto"), parallel=client.parallel)
+
+    async def _async_run_hand(self, call: ToolCall, ctx: HandContext) -> HandResult:
+        assert self.hands is not None
+        result = await self.hands.async_run(call.name, call.arguments, ctx)
+        log.info("hand_called", user=ctx.user, hand=call.name, ok=result.ok, ms=round(result.elapsed_ms, 1))
+        return result
+
+    async def _async_generate(
+        self,
+        engine: LlamaEngine,
+        tokens: list[int],
+        params: GenerationParams,
+        *,
+        toolset: ToolSet,
+        answered: frozenset[str],
+        cache_key: str,
+        timings: dict[str, float],
+    ) -> AsyncGenerator[GenEvent, None]:
+        """One generation round under the first-token and generation deadlines."""
+        t_gen = time.perf_counter()
+        first = "first_token" not in timings
+        events = async_split_calls(
+            engine.async_generate(tokens, params, cache_key=cache_key), toolset, prompt_tokens=len(tokens), answered=answered
+        )
+        try:
+            async with asyncio.timeout(self.timeouts.generate_s) as deadline:
+                if first:
+                    deadline.reschedule(asyncio.get_running_loop().time() + min(self.timeouts.first_token_s, self.timeouts.generate_s))
+                async for ev in events:
+                    if first:
+                        first = False
+                        timings["first_token"] = _ms(t_gen)  # queue wait + prefill
+                        deadline.reschedule(asyncio.get_running_loop().time() + self.timeouts.generate_s)
+                    yield ev
+        except TimeoutError:
+            self.failures_total += 1
+            raise InferenceError(f"generation timed out (limit {self.timeouts.generate_s:g} s)") from None
+        finally:
+            await events.aclose()
+            timings["generate"] = timings.get("generate", 0.0) + _ms(t_gen)
 
     # ---------------------------------------------------------------- stages
 
@@ -479,7 +680,20 @@ class ConversationPipeline:
             timings["model"] = _ms(t0)
             yield lease.engine, lease.entry.id
 
-    async def _async_persist(self, user: str, *, sid: str, text: str, answer: str, model_id: str, final: Any, degraded: list[str]) -> Any:
+    async def _async_persist(
+        self,
+        user: str,
+        *,
+        sid: str,
+        text: str,
+        answer: str,
+        model_id: str,
+        final: Mapping[str, int],
+        degraded: list[str],
+        exchange: Sequence[Mapping[str, Any]] = (),
+        answer_calls: Sequence[Mapping[str, Any]] = (),
+        store_user: bool = True,
+    ) -> Any:
         """Store the turn durably (required) and fold it into the style profile (optional), in one writer batch."""
 
         def update(mim: dict[str, Any], per: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -505,8 +719,11 @@ class ConversationPipeline:
                         text,
                         answer,
                         model=model_id,
-                        prompt_tokens=int(final.prompt_tokens),
-                        completion_tokens=int(final.completion_tokens),
+                        prompt_tokens=int(final["prompt_tokens"]),
+                        completion_tokens=int(final["completion_tokens"]),
+                        exchange=exchange,
+                        answer_calls=answer_calls,
+                        store_user=store_user,
                     ),
                     self.timeouts.persist_s,
                 )
@@ -550,6 +767,9 @@ class ConversationPipeline:
             yield ("mongarsd_chat_stage_seconds_total", "counter", "Time spent per pipeline stage.", secs, {"stage": stage})
         for what, n in self.degraded_total.items():
             yield ("mongarsd_chat_degraded_total", "counter", "Turns that went on without an optional stage.", float(n), {"stage": what})
+        if self.hands is not None:
+            for what, n in self.hands.metrics().items():
+                yield ("mongarsd_hand_events_total", "counter", "Mains Virtuelles tool calls by outcome.", float(n), {"event": what})
 
 
 def profile_public(row: ProfileRow) -> dict[str, Any]:
@@ -564,7 +784,7 @@ def profile_public(row: ProfileRow) -> dict[str, Any]:
     }
 
 
-async def _last_result(it: AsyncIterator[ChatChunk | ChatResult]) -> ChatResult:
+async def _last_result(it: AsyncIterator[ChatChunk | ChatToolCall | ChatResult]) -> ChatResult:
     result: ChatResult | None = None
     async for item in it:
         if isinstance(item, ChatResult):

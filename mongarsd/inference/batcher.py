@@ -366,7 +366,7 @@ class Batcher:
             self._decode_failed(rc, active, out)
             return
         now = time.perf_counter()
-        sample = lib.llama_sampler_sample
+        sample = llama.sample
         is_eog = lib.llama_vocab_is_eog
         vocab = llama.vocab
         pieces = llama.pieces
@@ -377,7 +377,7 @@ class Batcher:
             if not req.generating:
                 req.generating = True
                 req.t_first = now
-            tok = sample(req.sampler, ctx, i)
+            tok = sample(req.sampler, i)
             if is_eog(vocab, tok):
                 self._finish(slot, req=req, reason=FINISH_STOP, text="", now=now, out=out)
                 continue

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from mongarsd.errors import InferenceError, ModelError, ValidationError
@@ -26,6 +27,7 @@ from mongarsd.inference.gguf import GGUFInfo, read_gguf
 from mongarsd.inference.kv_cache import kv_cache_types
 from mongarsd.inference.sampling import GenerationParams
 from mongarsd.inference.settings import EngineSettings
+from mongarsd.inference.tools import TRIGGER_PATTERN
 
 log = structlog.get_logger("mongarsd.inference.llm")
 
@@ -247,18 +249,28 @@ class LlamaContext:
     # ------------------------------------------------------------------ samplers
 
     def make_sampler(self, params: GenerationParams, grammar: str | None) -> Any:
-        """Build a sampler chain: grammar, penalties, top_k, top_p, min_p, temp, dist/greedy."""
+        """Build a sampler: penalties, top_k, top_p, min_p, temp, dist/greedy, and a grammar checked after.
+
+        Without a grammar this is a llama.cpp sampler chain; with one, a ConstrainedSampler.
+        """
         lib = self.lib
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = lib.llama_sampler_chain_init(chain_params)
         add = lib.llama_sampler_chain_add
-        if grammar is not None:
+        g = None
+        if grammar is not None and params.tools is not None and params.tools.lazy:
+            # tool_choice auto: free text until the model opens a call, then the call's grammar
+            patterns = (ctypes.c_char_p * 1)(TRIGGER_PATTERN.encode("utf-8"))
+            g = lib.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0)
+            if not g:
+                lib.llama_sampler_free(chain)
+                raise ValidationError("the tools' grammar could not be parsed", param="tools")
+        elif grammar is not None:
             g = lib.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
             if not g:
                 lib.llama_sampler_free(chain)
                 raise ValidationError("grammar could not be parsed", param="grammar")
-            add(chain, g)
         if params.penalties_enabled:
             last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_ctx_slot
             add(
@@ -273,7 +285,7 @@ class LlamaContext:
             )
         if params.greedy:
             add(chain, lib.llama_sampler_init_greedy())
-            return chain
+            return chain if g is None else ConstrainedSampler(lib, chain, g, self.n_vocab)
         if params.top_k > 0:
             add(chain, lib.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
@@ -283,8 +295,85 @@ class LlamaContext:
         add(chain, lib.llama_sampler_init_temp(params.temperature))
         seed = params.seed if params.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
         add(chain, lib.llama_sampler_init_dist(seed))
-        return chain
+        return chain if g is None else ConstrainedSampler(lib, chain, g, self.n_vocab)
 
     def free_sampler(self, sampler: Any) -> None:
-        """Free a sampler chain built by make_sampler."""
-        self.lib.llama_sampler_free(sampler)
+        """Free a sampler built by make_sampler."""
+        if isinstance(sampler, ConstrainedSampler):
+            sampler.free()
+        else:
+            self.lib.llama_sampler_free(sampler)
+
+    def sample(self, sampler: Any, i: int) -> int:
+        """Sample the next token of output `i` of the last decode (inference thread)."""
+        if isinstance(sampler, ConstrainedSampler):
+            return sampler.sample(self.ctx, i)
+        return int(self.lib.llama_sampler_sample(sampler, self.ctx, i))
+
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+class ConstrainedSampler:
+    """A sampler chain with a grammar checked after sampling, as llama.cpp's own tools do.
+
+    Applying a grammar to the whole vocabulary costs about as much as decoding a token of a
+    small model. Most of the time the token the chain picks is one the grammar allows anyway:
+    that one token is checked, and only when it is refused is the grammar applied to every
+    candidate and the chain run again. The output is the same as grammar-first sampling.
+    Inference thread only.
+    """
+
+    __slots__ = ("_arr", "_cur", "_ids", "_lib", "_one", "_one_cur", "_vocab_n", "chain", "grammar")
+
+    def __init__(self, lib: Any, chain: Any, grammar: Any, n_vocab: int) -> None:
+        self._lib = lib
+        self.chain = chain
+        self.grammar = grammar
+        self._vocab_n = n_vocab
+        self._ids = np.arange(n_vocab, dtype="<i4")
+        self._arr = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        data_p = ctypes.POINTER(lib.llama_token_data)
+        self._cur = lib.llama_token_data_array(self._arr.ctypes.data_as(data_p), n_vocab, -1, False)
+        self._one_cur = lib.llama_token_data_array(self._one.ctypes.data_as(data_p), 1, -1, False)
+
+    def _fill(self, ctx: Any, i: int) -> None:
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx, i), shape=(self._vocab_n,))
+        self._arr["id"] = self._ids
+        self._arr["logit"] = logits
+        self._arr["p"] = 0.0
+        self._cur.size = self._vocab_n
+        self._cur.selected = -1
+        self._cur.sorted = False
+
+    def _selected(self) -> int:
+        cur = self._cur
+        if cur.selected < 0:
+            raise InferenceError("the sampler selected no token")
+        return int(cur.data[cur.selected].id)
+
+    def sample(self, ctx: Any, i: int) -> int:
+        lib = self._lib
+        self._fill(ctx, i)
+        lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
+        token = self._selected()
+        one = self._one
+        one["id"][0] = token
+        one["logit"][0] = 1.0
+        self._one_cur.size = 1
+        self._one_cur.selected = -1
+        self._one_cur.sorted = False
+        lib.llama_sampler_apply(self.grammar, ctypes.byref(self._one_cur))
+        if not np.isfinite(one["logit"][0]):  # refused: constrain every candidate, then sample again
+            self._fill(ctx, i)
+            lib.llama_sampler_apply(self.grammar, ctypes.byref(self._cur))
+            lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
+            token = self._selected()
+        lib.llama_sampler_accept(self.grammar, token)
+        lib.llama_sampler_accept(self.chain, token)
+        return token
+
+    def free(self) -> None:
+        self._lib.llama_sampler_free(self.chain)
+        self._lib.llama_sampler_free(self.grammar)

@@ -229,9 +229,100 @@ def check_grammar(text: str, *, param: str) -> None:
         raise _bad(param, "compiles to groups nested " + str(deepest) + " deep; at most " + str(MAX_GRAMMAR_NESTING))
 
 
+MAX_RANGE_ENUM = 256  # integer ranges up to this many values become an enum the grammar enforces
+_VALUE_KEYWORDS = frozenset(("enum", "const", "default", "examples"))
+
+
+def grammar_ready(node: Any) -> Any:
+    """Spell what the converter ignores in terms it enforces (pure).
+
+    llama-cpp-python's converter drops minimum/maximum: a small integer range (a brightness
+    0-100, a volume, a percentage) becomes the enum of its values, so the grammar keeps
+    generated numbers inside it. Wider ranges and number bounds are repaired after generation
+    (`clamp_to_schema`).
+    """
+    if isinstance(node, list):
+        return [grammar_ready(v) for v in node]
+    if not isinstance(node, Mapping):
+        return node
+    values = _int_range_values(node)
+    if values is not None:
+        out = {k: v for k, v in node.items() if k in ("description", "title")}
+        out["enum"] = values
+        return out
+    return {k: (v if k in _VALUE_KEYWORDS else grammar_ready(v)) for k, v in node.items()}
+
+
+def _int_range_values(node: Mapping[str, Any]) -> list[int] | None:
+    if node.get("type") != "integer" or "enum" in node or "const" in node:
+        return None
+    lo, hi = _int_bounds(node)
+    if lo is None or hi is None or hi < lo or hi - lo + 1 > MAX_RANGE_ENUM:
+        return None
+    step = node.get("multipleOf")
+    if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+        return [i for i in range(lo, hi + 1) if i % step == 0] or None
+    return list(range(lo, hi + 1))
+
+
+def _bound(node: Mapping[str, Any], key: str) -> float | None:
+    v = node.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _int_bounds(node: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    lo_f, hi_f = _bound(node, "minimum"), _bound(node, "maximum")
+    xlo, xhi = _bound(node, "exclusiveMinimum"), _bound(node, "exclusiveMaximum")
+    lo = math.ceil(lo_f) if lo_f is not None else None
+    hi = math.floor(hi_f) if hi_f is not None else None
+    if xlo is not None:
+        lo = max(lo, math.floor(xlo) + 1) if lo is not None else math.floor(xlo) + 1
+    if xhi is not None:
+        hi = min(hi, math.ceil(xhi) - 1) if hi is not None else math.ceil(xhi) - 1
+    return lo, hi
+
+
+def clamp_to_schema(value: Any, schema: Any) -> Any:
+    """Bring generated numbers inside bounds the grammar could not express (pure).
+
+    Integers and numbers outside minimum/maximum (or the exclusive bounds) are moved to the
+    nearest allowed value, in nested objects and arrays too; everything else is unchanged.
+    """
+    if not isinstance(schema, Mapping):
+        return value
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        lo, hi = _int_bounds(schema) if isinstance(value, int) else _float_bounds(schema)
+        if lo is not None and value < lo:
+            return lo
+        if hi is not None and value > hi:
+            return hi
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if isinstance(props, Mapping):
+            return {k: clamp_to_schema(v, props.get(k)) for k, v in value.items()}
+        return value
+    if isinstance(value, list):
+        return [clamp_to_schema(v, schema.get("items")) for v in value]
+    return value
+
+
+def _float_bounds(node: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    lo, hi = _bound(node, "minimum"), _bound(node, "maximum")
+    # an exclusive bound has no nearest value: the closest representable one stands in
+    xlo, xhi = _bound(node, "exclusiveMinimum"), _bound(node, "exclusiveMaximum")
+    if xlo is not None:
+        lo = max(lo, math.nextafter(xlo, math.inf)) if lo is not None else math.nextafter(xlo, math.inf)
+    if xhi is not None:
+        hi = min(hi, math.nextafter(xhi, -math.inf)) if hi is not None else math.nextafter(xhi, -math.inf)
+    return lo, hi
+
+
 def schema_to_gbnf(schema: Mapping[str, Any], *, param: str = "response_format") -> str:
     """Check, convert and re-check a JSON Schema (blocking: run it off the loop)."""
-    bounded = check_schema(schema, param=param)
+    bounded = grammar_ready(check_schema(schema, param=param))
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # heavy import: only off the loop, only when used
 
     try:
@@ -240,7 +331,19 @@ def schema_to_gbnf(schema: Mapping[str, Any], *, param: str = "response_format")
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError, RecursionError, AssertionError) as err:
         raise ValidationError("unsupported JSON schema in '" + param + "': " + str(err)[:200], param=param) from None
     check_grammar(text, param=param)
-    return text
+    return strict_json_strings(text)
+
+
+# The converter's string characters admit raw control characters, which JSON forbids (a "call"
+# with a newline inside a string would not parse): its rules are narrowed as llama.cpp's own are.
+_LOOSE_CHAR = '[^"\\\\]'
+_STRICT_CHAR = '[^"\\\\\\x7F\\x00-\\x1F]'
+_CHAR_RULE_RE = re.compile(r"^((?:[A-Za-z0-9-]*-)?char ::= )" + re.escape(_LOOSE_CHAR), re.MULTILINE)
+
+
+def strict_json_strings(gbnf: str) -> str:
+    """Keep control characters out of generated JSON strings (pure)."""
+    return _CHAR_RULE_RE.sub(lambda m: m.group(1) + _STRICT_CHAR, gbnf)
 
 
 class GrammarCompiler:
@@ -285,4 +388,15 @@ class GrammarCompiler:
             return await self.async_compile(params.json_schema, param=params.schema_param)
         if params.json_mode:
             return JSON_GBNF
+        if params.tools is not None:
+            from mongarsd.inference.tools import either_grammar, wrap_call_grammar
+
+            tools = params.tools
+            text = wrap_call_grammar(await self.async_compile(tools.schema, param="tools"), tools.max_calls)
+            if tools.text_schema is not None:
+                text = either_grammar(text, await self.async_compile(tools.text_schema, param=tools.text_param))
+            elif tools.text_json:
+                text = either_grammar(text, JSON_GBNF)
+            check_grammar(text, param="tools")
+            return text
         return None

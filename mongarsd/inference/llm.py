@@ -162,15 +162,21 @@ class LlamaEngine:
         """Turn tokens back into text (thread-safe)."""
         return self._llama.detokenize(tokens, special)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str:
         """Render messages with the model's own chat template."""
         self._llama.require_loaded()
         assert self._llama.chat_template is not None
+        if tools:
+            return self._llama.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=list(tools))
         return self._llama.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def tokenize_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Render and tokenize a conversation (special tokens parsed, no double BOS)."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+    def tokenize_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Render and tokenize a conversation (special tokens parsed, no double BOS); `tools` go to templates that render them."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         bos = self._llama.bos_text
         add_special = not (bos and text.startswith(bos))
         return self.tokenize(text, add_special=add_special, parse_special=True)

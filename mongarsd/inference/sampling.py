@@ -45,6 +45,23 @@ ws ::= | " " | "\n" [ \t]{0,20}
 
 
 @dataclass(frozen=True, slots=True)
+class ToolConstraint:
+    """What a tool-calling grammar must enforce: one call's JSON Schema, when it starts, how many calls.
+
+    lazy: free text until the model writes the call tag (tool_choice auto); otherwise the reply
+    is calls from the first token (required, or a named function). See inference/tools.py.
+    """
+
+    schema: Mapping[str, Any] = field(hash=False)
+    lazy: bool = True
+    max_calls: int = 1
+    # a JSON response format the reply must follow when it is not a call (never lazy then)
+    text_schema: Mapping[str, Any] | None = field(default=None, hash=False)
+    text_json: bool = False
+    text_param: str = "response_format"
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationParams:
     """Sampling and stopping settings for one request (llama-server vocabulary).
 
@@ -67,6 +84,7 @@ class GenerationParams:
     json_schema: Mapping[str, Any] | None = field(default=None, hash=False)
     json_mode: bool = False
     schema_param: str = "response_format"  # the request field the schema came from, for errors
+    tools: ToolConstraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +119,7 @@ class SamplingSpec:
     json_schema: Mapping[str, Any] | None = field(default=None, hash=False)
     schema_param: str = "response_format"
     num_ctx: int | None = None
+    tools: ToolConstraint | None = None  # set by the generation path from the request's tools
 
 
 def context_limit(spec: SamplingSpec, n_ctx: int) -> int:
@@ -163,6 +182,7 @@ def build_params(spec: SamplingSpec, *, n_prompt: int, n_ctx: int, max_tokens_de
         json_schema=spec.json_schema,
         json_mode=spec.json_mode and spec.json_schema is None,
         schema_param=spec.schema_param,
+        tools=spec.tools,
     )
 
 
@@ -209,9 +229,9 @@ def validate_params(params: GenerationParams, *, n_ctx: int) -> None:
                 "stop sequences must be non-empty strings of at most " + str(MAX_STOP_CHARS) + " characters",
                 param="stop",
             )
-    chosen = sum((params.grammar is not None, params.json_schema is not None, params.json_mode))
+    chosen = sum((params.grammar is not None, params.json_schema is not None, params.json_mode, params.tools is not None))
     if chosen > 1:
-        raise ValidationError("use only one of grammar, json_schema and json mode", param="response_format")
+        raise ValidationError("use only one of grammar, a JSON response format and tools", param="response_format")
     if params.grammar is not None and not isinstance(params.grammar, str):
         raise ValidationError("grammar must be a GBNF string", param="grammar")
 

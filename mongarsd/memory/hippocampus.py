@@ -9,9 +9,10 @@ there is one service and SQLite is the only source of truth).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -42,7 +43,8 @@ DAY_S = 86400.0
 STATUS_OK = "ok"
 STATUS_EMBEDDER_UNAVAILABLE = "embedder_unavailable"
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_STORED_CALLS_CHARS = 64_000
 MEMORY_KINDS = ("fact", "turn", "note", "summary", "research")
 
 
@@ -100,9 +102,16 @@ class Message:
     created_at: float
     model: str | None = None
     tokens: int | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns: [{id, name, arguments}]
+    tool_call_id: str | None = None  # tool turns: the call this result answers
+    tool_name: str | None = None
 
     def public(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("tool_calls", "tool_call_id", "tool_name"):
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +176,27 @@ class StoredTurn:
 
 
 # ------------------------------------------------------------------------------ pure helpers
+
+
+def _calls_json(calls: object) -> str | None:
+    """Serialize an assistant turn's tool calls for the messages table (None: no calls)."""
+    if not calls or not isinstance(calls, Sequence):
+        return None
+    text = json.dumps([dict(c) for c in calls], ensure_ascii=False)
+    if len(text) > MAX_STORED_CALLS_CHARS:
+        raise ValidationError("the tool calls are too large to store (" + str(len(text)) + " characters)", param="tool_calls")
+    return text
+
+
+def _calls_from_json(text: object) -> list[dict[str, Any]] | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        log.warning("stored_tool_calls_unreadable")
+        return None
+    return [c for c in value if isinstance(c, dict)] if isinstance(value, list) else None
 
 
 def fts_query(text: str, *, max_terms: int = MAX_FTS_TERMS) -> str | None:
@@ -348,14 +378,22 @@ class Hippocampus:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         remember: bool = True,
+        exchange: Sequence[Mapping[str, Any]] = (),
+        answer_calls: Sequence[Mapping[str, Any]] = (),
+        store_user: bool = True,
     ) -> StoredTurn:
         """Persist a user turn, the answer and (if worth it) a memory; return once committed durably.
 
         `user_text` must be the user's own words: research or augmented context never goes here.
+        `exchange`: the tool turns between the user's message and the answer, in order
+        (assistant turns with `tool_calls`, tool turns with `content`, `tool_call_id`,
+        `tool_name`). `answer_calls`: calls the answer makes to a client's tools. With
+        store_user False (a client sending its tools' results back) the user's message, stored
+        by the earlier request, is not stored again; user_message_id is then 0.
         """
         now = time.time()
         expires = self._expiry(None, now)
-        memory_text = user_text.strip()[:MAX_MEMORY_CHARS] if remember and worth_remembering(user_text) else None
+        memory_text = user_text.strip()[:MAX_MEMORY_CHARS] if remember and store_user and worth_remembering(user_text) else None
         vec: npt.NDArray[np.float32] | None = None
         if memory_text is not None:
             try:
@@ -367,15 +405,35 @@ class Hippocampus:
 
         async def op(conn: aiosqlite.Connection) -> StoredTurn:
             await _touch_session(conn, user, session_id, now)
+            uid = 0
+            if store_user:
+                cur = await conn.execute(
+                    "INSERT INTO messages(user, session_id, role, content, created_at, expires_at, model, tokens) "
+                    "VALUES (?, ?, 'user', ?, ?, ?, ?, ?)",
+                    (user, session_id, user_text, now, expires, model, prompt_tokens),
+                )
+                uid = int(cur.lastrowid or 0)
+            for item in exchange:
+                await conn.execute(
+                    "INSERT INTO messages(user, session_id, role, content, created_at, expires_at, model, tool_calls, tool_call_id, "
+                    "tool_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        user,
+                        session_id,
+                        "tool" if item.get("role") == "tool" else "assistant",
+                        str(item.get("content") or ""),
+                        now,
+                        expires,
+                        model,
+                        _calls_json(item.get("tool_calls")),
+                        item.get("tool_call_id"),
+                        item.get("tool_name"),
+                    ),
+                )
             cur = await conn.execute(
-                "INSERT INTO messages(user, session_id, role, content, created_at, expires_at, model, tokens) VALUES (?, ?, 'user', ?, ?, ?, ?, ?)",
-                (user, session_id, user_text, now, expires, model, prompt_tokens),
-            )
-            uid = int(cur.lastrowid or 0)
-            cur = await conn.execute(
-                "INSERT INTO messages(user, session_id, role, content, created_at, expires_at, model, tokens) "
-                "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?)",
-                (user, session_id, assistant_text, now, expires, model, completion_tokens),
+                "INSERT INTO messages(user, session_id, role, content, created_at, expires_at, model, tokens, tool_calls) "
+                "VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?)",
+                (user, session_id, assistant_text, now, expires, model, completion_tokens, _calls_json(answer_calls)),
             )
             aid = int(cur.lastrowid or 0)
             mid: int | None = None
@@ -410,7 +468,7 @@ class Hippocampus:
             return []
         now = time.time()
         sql = (
-            "SELECT id, session_id, role, content, created_at, model, tokens FROM messages WHERE user = ? "
+            "SELECT id, session_id, role, content, created_at, model, tokens, tool_calls, tool_call_id, tool_name FROM messages WHERE user = ? "
             + ("AND session_id = ? " if session_id is not None else "")
             + "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id DESC LIMIT ?"
         )
@@ -425,6 +483,9 @@ class Hippocampus:
                 created_at=float(r["created_at"]),
                 model=r["model"],
                 tokens=r["tokens"],
+                tool_calls=_calls_from_json(r["tool_calls"]),
+                tool_call_id=r["tool_call_id"],
+                tool_name=r["tool_name"],
             )
             for r in reversed(rows)
         ]

@@ -115,6 +115,32 @@ MIGRATIONS: list[str] = [
         added_at  REAL NOT NULL
     ) STRICT;
     """,
+    # 4: tool turns in the conversation history (Mains Virtuelles and clients' tools): a 'tool'
+    # role, the calls an assistant turn made, and which call a tool turn answers
+    """
+    CREATE TABLE messages_v4 (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        user          TEXT NOT NULL,
+        session_id    TEXT NOT NULL,
+        role          TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+        content       TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        expires_at    REAL,
+        model         TEXT,
+        tokens        INTEGER,
+        tool_calls    TEXT,
+        tool_call_id  TEXT,
+        tool_name     TEXT,
+        FOREIGN KEY (user, session_id) REFERENCES sessions(user, id) ON DELETE CASCADE
+    ) STRICT;
+    INSERT INTO messages_v4(id, user, session_id, role, content, created_at, expires_at, model, tokens)
+        SELECT id, user, session_id, role, content, created_at, expires_at, model, tokens FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v4 RENAME TO messages;
+    CREATE INDEX messages_user_session ON messages(user, session_id, id);
+    CREATE INDEX messages_user ON messages(user, id);
+    CREATE INDEX messages_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 

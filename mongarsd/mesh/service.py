@@ -1,6 +1,8 @@
 """MeshService: identity, keyring, gossip, discovery, state publishing and request forwarding.
 
-With `mesh.enabled = false` only the identity is loaded (so the node id is stable) and the peer
+The mesh runs when a cluster keyring exists (installing a key is the intent to join), unless
+`mesh.enabled = false`; `mesh.enabled = true` without a keyring is a configuration error.
+Without the mesh only the identity is loaded (so the node id is stable) and the peer
 routes still answer: the list shows this node alone and registered peers are stored. With the
 mesh enabled the service joins the encrypted SWIM mesh, finds peers over mDNS and static
 seeds/registered URLs, gossips this node's load once a second when it changes, and routes whole
@@ -137,12 +139,14 @@ class MeshService:
         self._api_host = ""
         self._started = False
         self._left = False
+        self._has_keyring = False
 
     # --- public -------------------------------------------------------------------------------
 
     @property
     def enabled(self) -> bool:
-        return bool(self._mcfg.enabled)
+        """Whether the mesh runs: mesh.enabled, or (unset) whether a keyring was found at start."""
+        return self._mcfg.enabled if self._mcfg.enabled is not None else self._has_keyring
 
     @property
     def running(self) -> bool:
@@ -159,9 +163,11 @@ class MeshService:
         self.identity = await asyncio.to_thread(
             NodeIdentity.load_or_create, mesh_dir(self._state_dir) / IDENTITY_FILE, machine_id_path=self._machine_id_path
         )
+        self._has_keyring = await asyncio.to_thread(keyring_path(self._state_dir).exists)
         if not self.enabled:
             self._started = True
-            log.info("mesh_disabled", node=self.identity.node_id)
+            why = "mesh.enabled is false" if self._mcfg.enabled is False else "no cluster keyring (mongarsd keys generate|install)"
+            log.info("mesh_disabled", node=self.identity.node_id, reason=why)
             return
         try:
             await self._async_start_mesh()

@@ -43,6 +43,7 @@ from tests.mesh.cluster import wait_until
 pytestmark = pytest.mark.timeout(60)
 
 M = "smollm2-135m-instruct:q4_1"
+MSGS = [{"role": "user", "content": "hi"}]  # the API validates request bodies before the (fake) handler runs
 
 # --- URL validation ------------------------------------------------------------------------
 
@@ -324,10 +325,13 @@ class Node:
         await self.db.async_stop()
 
 
-async def start_node(tmp: Path, i: int, key: bytes, *, llm: FakeLLM, seeds: tuple[str, ...] = (), enabled: bool = True) -> Node:
+async def start_node(
+    tmp: Path, i: int, key: bytes | None, *, llm: FakeLLM, seeds: tuple[str, ...] = (), enabled: bool | None = True
+) -> Node:
     state = tmp / f"n{i}"
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread(Keyring(key).save, keyring_path(state))
+    if key is not None:
+        await asyncio.to_thread(Keyring(key).save, keyring_path(state))
     api_port = free_port()
     gport = free_port()
     cfg = Config(
@@ -394,7 +398,7 @@ async def post(url: str, body: Any, *, token: str | None = None, raw: bool = Fal
 async def test_busy_node_forwards_to_idle_peer_with_signed_origin_user(trio: list[Node]) -> None:
     a, b, _ = trio
     token, _ = await a.tokens.async_create("alice", "user")
-    status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": M, "max_tokens": 4}, token=token)
+    status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS, "max_tokens": 4}, token=token)
     assert status == 200, doc
     assert headers[H_SERVED_BY] == b.mesh.node_id
     assert doc == {"node": b.mesh.node_id, "user": "alice", "role": "peer", "hops": 1}
@@ -403,13 +407,13 @@ async def test_busy_node_forwards_to_idle_peer_with_signed_origin_user(trio: lis
     assert f'mongarsd_mesh_forwards_total{{peer="{b.mesh.node_id}"}} 1.0' in metrics
     assert 'mongarsd_mesh_members{state="alive"} 3.0' in metrics
     # The persona id never leaves the node (its memory lives here).
-    status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": "mongars"}, token=token)
+    status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": "mongars", "messages": MSGS}, token=token)
     assert headers[H_SERVED_BY] == a.mesh.node_id and doc["node"] == a.mesh.node_id
 
 
 async def test_stream_passes_through(trio: list[Node]) -> None:
     a, b, _ = trio
-    status, headers, text = await post(a.url + "/v1/chat/completions", {"model": M, "stream": True}, raw=True)
+    status, headers, text = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS, "stream": True}, raw=True)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     assert headers[H_SERVED_BY] == b.mesh.node_id
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
@@ -420,7 +424,7 @@ async def test_stream_passes_through(trio: list[Node]) -> None:
 
 async def test_idle_local_node_serves_itself(trio: list[Node]) -> None:
     _, b, _ = trio
-    status, headers, doc = await post(b.url + "/v1/chat/completions", {"model": M})
+    status, headers, doc = await post(b.url + "/v1/chat/completions", {"model": M, "messages": MSGS})
     assert status == 200 and headers[H_SERVED_BY] == b.mesh.node_id and doc["hops"] == 0
 
 
@@ -428,7 +432,7 @@ async def test_peer_down_before_first_byte_fails_over_locally_and_opens_breaker(
     a, b, _ = trio
     await b.runner.cleanup()  # B's API is gone but B still gossips: the worst case for a scheduler
     for _ in range(3):
-        status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": M})
+        status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS})
         assert status == 200 and headers[H_SERVED_BY] == a.mesh.node_id and doc["node"] == a.mesh.node_id
     breaker = a.mesh.breakers.get(b.mesh.node_id)
     assert breaker.state.value == "open"
@@ -445,7 +449,7 @@ async def test_hop_limit_and_sender_exclusion(trio: list[Node]) -> None:
 
 async def test_signed_replay_over_http_is_refused(trio: list[Node]) -> None:
     a, b, _ = trio
-    body = json.dumps({"model": M}).encode()
+    body = json.dumps({"model": M, "messages": MSGS}).encode()
     headers = sign_headers(
         a.mesh.identity, target=b.mesh.node_id, method="POST", path_qs="/v1/chat/completions", body=body, hops=1, user="alice"
     )  # type: ignore[arg-type]
@@ -503,10 +507,29 @@ async def test_disabled_mesh_lists_itself_and_stores_peers(tmp_path: Path) -> No
         status, _, reg = await post(node.url + "/api/v1/peer/register", {"url": "http://10.0.0.9"})
         assert status == 200 and reg["joined"] is False
         assert [p.url for p in await node.mesh.async_static_peers()] == ["http://10.0.0.9:8642"]
-        status, _, _ = await post(node.url + "/v1/chat/completions", {"model": M})
+        status, _, _ = await post(node.url + "/v1/chat/completions", {"model": M, "messages": MSGS})
         assert status == 200  # no mesh: always local
     finally:
         await node.stop()
+
+
+async def test_a_keyring_starts_the_mesh_unless_disabled(tmp_path: Path) -> None:
+    """Installing a key is the intent to join: mesh.enabled unset means "when a keyring exists"."""
+    await asyncio.to_thread((tmp_path / "machine-id").write_text, "m\n")
+    with_key = await start_node(tmp_path, 0, generate_key(), llm=FakeLLM(has_model=True, loaded=False), enabled=None)
+    without_key = await start_node(tmp_path, 1, None, llm=FakeLLM(has_model=True, loaded=False), enabled=None)
+    opted_out = await start_node(tmp_path, 2, generate_key(), llm=FakeLLM(has_model=True, loaded=False), enabled=False)
+    try:
+        assert with_key.mesh.enabled
+        assert with_key.mesh.running
+        assert with_key.mesh.gossip is not None
+        assert not without_key.mesh.enabled
+        assert not without_key.mesh.running
+        assert not opted_out.mesh.enabled
+        assert not opted_out.mesh.running
+    finally:
+        for node in (with_key, without_key, opted_out):
+            await node.stop()
 
 
 async def test_enabled_without_keyring_is_a_config_error(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ from mongarsd.inference.sampling import SamplingSpec, build_params
 MSG = [{"role": "user", "content": "hi"}]
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+
+
 def _param_of(fn: object, *args: object) -> str | None:
     with pytest.raises(ValidationError) as info:
         fn(*args)  # type: ignore[operator]
@@ -45,7 +48,7 @@ def test_messages_accept_roles_parts_and_null_assistant_content() -> None:
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "a\nb"},
         {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
+        {"role": "tool", "content": "42", "tool_call_id": "x"},
     ]
 
 
@@ -116,7 +119,8 @@ def test_openai_chat_request_maps_sampling() -> None:
         ({"stop": [""]}, "stop"),
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
         ({"stream": "yes"}, "stream"),
         ({"model": ""}, "model"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
@@ -217,7 +221,9 @@ def test_ollama_chat_and_generate_bodies() -> None:
     assert raw.prompt == "hi" and raw.messages == []
     assert parse_generate({"model": "m", "keep_alive": 0}).keep_alive_s == 0.0
     assert _param_of(parse_generate, {"model": "m", "prompt": "x", "images": ["aGk="]}) == "images"
-    assert _param_of(parse_chat, {"model": "m", "messages": MSG, "tools": [{"type": "function"}]}) == "tools"
+    assert _param_of(parse_chat, {"model": "m", "messages": MSG, "tools": [{"type": "function"}]}) == "tools[0].function"
+    assert _param_of(parse_generate, {"model": "m", "prompt": "x", "tools": [WEATHER_TOOL]}) == "tools"
+    assert parse_chat({"model": "m", "messages": MSG, "tools": [WEATHER_TOOL]}).tools.tools[0].name == "weather"
     assert _param_of(parse_chat, {"model": "m", "messages": "hi"}) == "messages"
 
 
