@@ -30,7 +30,7 @@ JSON = dict[str, Any]
 Tag = Literal["openai", "ollama", "native", "ops", "admin", "peers"]
 Stream = Literal["sse", "ndjson"]
 
-# Mirrors of the handlers' limits (tests/integration/test_openapi.py pins them to the handlers').
+# Mirrors of the handlers' limits (tests/unit/test_openapi_models.py pins them to the handlers').
 MAX_MODEL_NAME_CHARS: Final = 256  # api/openai.py and api/ollama.py
 OPENAI_MAX_STOP: Final = 4  # api/openai.py
 OLLAMA_MAX_STOP: Final = 16  # api/ollama.py
@@ -347,12 +347,13 @@ OPENAI_LENIENT: Final = frozenset({"n", "best_of", "logprobs", "top_logprobs"})
 OPENAI_CHAT_LENIENT: Final = OPENAI_LENIENT | {"tool_choice", "functions", "function_call"}
 
 OPENAI_CHAT_REQUEST = obj(
-    {
+    {  # in the order the handler reads them, so the validator's first complaint is the handler's
         **OPENAI_COMMON,
         "messages": arr(OPENAI_MESSAGE, minItems=1, maxItems=MAX_MESSAGES),
         **MAX_TOKENS,
-        **SAMPLING,
+        **UNSUPPORTED_OPENAI,
         "response_format": RESPONSE_FORMAT,
+        **SAMPLING,
         "tools": opt(arr(TOOL, description="functions the model may call; calls are returned to the client, never run")),
         "tool_choice": {
             "anyOf": [
@@ -363,14 +364,13 @@ OPENAI_CHAT_REQUEST = obj(
             "type": ["string", "object", "null"],
             "description": "used when tools are given (default auto)",
         },
-        "parallel_tool_calls": t("boolean", "null", description="default true"),
         "functions": opt(arr(FUNCTION, description="legacy function calling (used when tools is absent)")),
         "function_call": {
             "anyOf": [{"enum": ["auto", "none"]}, obj({"name": t("string")}, "name"), t("null")],
             "type": ["string", "object", "null"],
             "description": "legacy tool_choice",
         },
-        **UNSUPPORTED_OPENAI,
+        "parallel_tool_calls": t("boolean", "null", description="default true"),
     },
     "model",
     "messages",
@@ -384,12 +384,12 @@ OPENAI_COMPLETION_REQUEST = obj(
             "type": ["string", "array"],
             "description": "one prompt (a list of exactly one string is accepted)",
         },
-        **MAX_TOKENS,
-        **SAMPLING,
-        "response_format": RESPONSE_FORMAT,
         "echo": {"const": False, "description": "not supported: absent or false"},
         "suffix": t("string", "null", maxLength=0, description="fill-in-the-middle is not supported"),
+        **MAX_TOKENS,
         **UNSUPPORTED_OPENAI,
+        "response_format": RESPONSE_FORMAT,
+        **SAMPLING,
     },
     "model",
     "prompt",
@@ -442,9 +442,9 @@ OLLAMA_CHAT_REQUEST = obj(
     {
         **OLLAMA_COMMON,
         "messages": opt(arr(OLLAMA_MESSAGE, maxItems=MAX_MESSAGES, description="absent or empty: load (or unload) the model only")),
-        "tools": opt(arr(TOOL, description="functions the model may call; calls are returned to the client, never run")),
         "options": OLLAMA_OPTIONS,
         "format": OLLAMA_FORMAT,
+        "tools": opt(arr(TOOL, description="functions the model may call; calls are returned to the client, never run")),
     },
     "model",
     title="OllamaChatRequest",
@@ -483,6 +483,7 @@ NATIVE_CHAT_REQUEST = obj(
         "session_id": opt(t("string", pattern=SESSION_ID_PATTERN, description="absent: a new session")),
         "model": opt(MODEL),
         "stream": t("boolean", "null", description="stream NDJSON (default false)"),
+        "stop": stop_schema(8, 64),
         "max_tokens": _num(1, 32768, integer=True),
         "temperature": _num(0.0, 2.0),
         "top_p": _num(0.0, 1.0),
@@ -490,7 +491,6 @@ NATIVE_CHAT_REQUEST = obj(
         "repeat_penalty": _num(0.01, 5.0),
         "top_k": _num(0, 1000, integer=True),
         "seed": _num(0, MAX_SEED, integer=True),
-        "stop": stop_schema(8, 64),
     },
     "message",
     title="ConversationChatRequest",

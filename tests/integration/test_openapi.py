@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +202,32 @@ def cost_bounded(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_schemathesis(url: str, document: dict[str, Any], headers: dict[str, str]) -> tuple[list[str], dict[str, float]]:
-    """Run every operation in both generation modes; return the failures (with curl reproductions) and seconds per operation."""
-    schema = schemathesis.openapi.from_dict(cost_bounded(document))
+    """Run every operation in both generation modes; return the failures (with curl reproductions) and seconds per operation.
+
+    After each operation that changes state, every GET without parameters (models, loaded models,
+    status, tokens, peers, ...) is called once: a request can leave state behind that breaks
+    another route (that is how a huge keep_alive broke /api/ps).
+    """
+    # no crash cache in the work tree: a failure is reproduced from this report (seed, curl command)
+    schema = schemathesis.openapi.from_dict(cost_bounded(document), config=schemathesis.Config.from_dict({"cache": {"enabled": False}}))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    observers = [op for op in operations if op.method.upper() == "GET" and not (op.query or op.path_parameters)]
+    # a fresh connection per request: the HTTP parser closes the connection after a request line
+    # it refuses, and reusing a closing connection is a client-side race, not a finding
+    call = {"base_url": url, "headers": {**headers, "Connection": "close"}, "checks": CHECKS, "timeout": CALL_TIMEOUT_S}
     failures: list[str] = []
     seconds: dict[str, float] = {}
     with requests.Session() as session:
-        for result in schema.get_all_operations():
-            op = result.ok()
+
+        def attempt(label: str, run: Callable[[], None]) -> None:
+            try:
+                run()
+            except (Exception, BaseExceptionGroup) as err:  # every operation runs; failures are reported together
+                if interrupted(err):
+                    raise  # pytest's timeout (hypothesis reports it as a flaky failure), ^C: not a finding
+                failures.append(label + " " + describe(err))
+
+        for op in operations:
             if OPERATIONS and op.label not in OPERATIONS:
                 continue
             # Negative data needs something to break: operations without inputs run positive cases only.
@@ -229,18 +248,12 @@ def run_schemathesis(url: str, document: dict[str, Any], headers: dict[str, str]
                 )
                 @given(case=op.as_strategy(generation_mode=mode))
                 def check(case: schemathesis.Case) -> None:
-                    # a fresh connection per request: the HTTP parser closes the connection after a request
-                    # line it refuses, and reusing a closing connection is a client-side race, not a finding
-                    case.call_and_validate(
-                        base_url=url, session=session, headers={**headers, "Connection": "close"}, checks=CHECKS, timeout=CALL_TIMEOUT_S
-                    )
+                    case.call_and_validate(session=session, **call)
 
-                try:
-                    check()
-                except (Exception, BaseExceptionGroup) as err:  # every operation runs; failures are reported together
-                    if interrupted(err):
-                        raise  # pytest's timeout (hypothesis reports it as a flaky failure), ^C: not a finding
-                    failures.append(f"{op.label} [{mode.value}] " + describe(err))
+                attempt(f"{op.label} [{mode.value}]", check)
+            if op.method.upper() != "GET":
+                for observer in observers:
+                    attempt(f"{observer.label} [after {op.label}]", lambda o=observer: o.Case().call_and_validate(session=session, **call))
             seconds[op.label] = round(time.monotonic() - t0, 2)
     return failures, seconds
 
