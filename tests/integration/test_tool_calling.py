@@ -34,7 +34,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "properties": {
             "items": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
-            "list": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "shared": {"type": "boolean"}}, "required": ["name"]},
+            "list": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 16}, "shared": {"type": "boolean"}},
+                "required": ["name"],
+            },
         },
         "required": ["items", "list"],
     },
