@@ -231,9 +231,13 @@ EMBED_DETAILS = {
 
 
 def _expires_iso(ts: float) -> str:
-    if math.isinf(ts):
+    """An expiry as Ollama writes it; past year 9999 (a keep_alive of 1e16 s) it reads as forever."""
+    if not math.isfinite(ts):
         return FOREVER_ISO
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        return FOREVER_ISO
 
 
 # ----------------------------------------------------------------------------------------

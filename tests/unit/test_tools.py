@@ -331,3 +331,12 @@ def test_without_tools_keeps_the_json_format_and_stops_at_a_copied_call() -> Non
     assert plain.tools is None
     assert plain.json_mode
     assert CALL_OPEN in plain.stop
+
+
+def test_a_keep_alive_past_year_9999_reads_as_forever() -> None:
+    """A keep_alive of 1e16 s once made /api/ps answer 500 for everyone."""
+    from mongarsd.api.ollama import FOREVER_ISO, _expires_iso
+
+    assert _expires_iso(1e16) == FOREVER_ISO
+    assert _expires_iso(float("inf")) == FOREVER_ISO
+    assert _expires_iso(0.0) == "1970-01-01T00:00:00Z"
