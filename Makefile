@@ -21,7 +21,7 @@ $(STAMP): setup.py pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[test,dev,bench]'
 	@touch $@
 
-$(MODELS_STAMP): $(STAMP) mongarsd/inference/defaults.py
+$(MODELS_STAMP): $(STAMP) mongarsd/inference/defaults.py mongarsd/inference/onnx_convert.py
 	$(PY) -m mongarsd.inference.defaults --models-dir $(MODELS) --cache-dir .cache/models
 	@touch $@
 

@@ -365,7 +365,7 @@ def _guard(results: dict[str, Any], pids: tuple[str, ...], fn: Callable[[], None
 
 def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only: set[str], log: Callable[[str], None] = print) -> None:
     """Measure P1–P5 and P12 (those in `only`) into `results`."""
-    wanted = tuple(p for p in ("P1", "P2", "P3", "P4", "P5", "P12") if p in only)
+    wanted = tuple(p for p in ("P1", "P2", "P3", "P4", "P5", "P12", "P13") if p in only)
     if not wanted:
         return
     if not settings.model_path.is_file():
@@ -419,6 +419,9 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
         if "P5" in wanted:
             log("  P5 prefix cache ...")
             _guard(results, ("P5",), lambda: _p5(ctx), log)
+        if "P13" in wanted:
+            log("  P13 decoding under a JSON-schema grammar ...")
+            _guard(results, ("P13",), lambda: _p13(ctx), log)
         if server is not None:
             for pid in ("P3", "P4"):
                 if pid in results and "details" in results[pid]:
@@ -427,6 +430,9 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
         if server is not None:
             server.stop()
         daemon.stop()
+    if "P4" in wanted and "P4" in results and not results["P4"].get("skipped"):
+        log("  P4 with each side's defaults ...")
+        _guard(results, ("P4",), lambda: _p4_defaults(results["P4"], settings, workdir), log)
 
 
 def _warm(dside: Side, sside: Side | None) -> None:
@@ -462,7 +468,9 @@ def _p1(c: LlmRun) -> None:
     }
     if ref_errors:
         details["reference_skipped"] = ref_errors[0]
-    results["P1"] = make_entry("P1", value=median(rates), reference=median(ref), details=details)
+    ours, server = median(rates), median(server_rates)
+    vs_server = ours / server if ours and server else None
+    results["P1"] = make_entry("P1", value=median(rates), reference=median(ref), vs_llama_server=vs_server, details=details)
 
 
 def _p2(c: LlmRun) -> None:
@@ -526,6 +534,84 @@ def _p3(c: LlmRun) -> None:
     if sside is None:
         details["reference_skipped"] = server_error
     results["P3"] = make_entry("P3", value=value, reference=ref, delta_ms=delta, details=details)
+
+
+def _p4_defaults(entry: dict[str, Any], settings: BenchSettings, workdir: Path) -> None:
+    """Add what a user gets to P4: the daemon with its board profile's defaults vs plain `llama-server -m`."""
+    entry.setdefault("details", {})
+    daemon = start_daemon(workdir, settings, name="defaults", overrides={"MONGARSD_INFERENCE__PRELOAD": "true"})
+    server: Proc | None = None
+    try:
+        status, body = http_get(daemon.url + "/api/v1/status", timeout=10)
+        exe = native_tool("llama-server")
+        port = free_port()
+        cmd = [str(exe), "-m", str(settings.model_path), "--host", LOOPBACK, "--port", str(port), "--no-webui"]
+        server = spawn(cmd, log_path=workdir / f"llama-server-defaults-{port}.log", port=port)
+        server.wait_ready("/health")
+        dside = Side("mongarsd", daemon.url, settings.model_id)
+        sside = Side("llama-server", server.url, "ref")
+        _warm(dside, sside)
+        agg: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
+        for rep in range(REPS):
+            prompts = [count_prompt(300 * (i + 1) + rep * 3000) for i in range(STREAMS)]
+            for side in (dside, sside):
+                res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
+                agg[side.name].append(aggregate_rate(res, t0, t_end))
+        d4, s4 = median(agg["mongarsd"]), median(agg["llama-server"])
+        entry["defaults_ratio"] = round(d4 / s4, 4) if d4 and s4 else None
+        entry["details"]["defaults"] = {
+            "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own",
+            "mongarsd_4_streams": spread(agg["mongarsd"]),
+            "llama_server_4_streams": spread(agg["llama-server"]),
+            "mongarsd_inference": json.loads(body).get("inference") if status == 200 else None,
+            "llama_server_command": " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name),
+        }
+    finally:
+        if server is not None:
+            server.stop()
+        daemon.stop()
+
+
+JSON_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 40}},
+    "required": ["numbers"],
+}
+
+
+def _p13(c: LlmRun) -> None:
+    """Decode rate of the same chat with and without a JSON-schema response format (interleaved)."""
+    results, dside, common = c.results, c.dside, c.common
+    import aiohttp
+
+    async def one(schema: bool, n: int) -> StreamResult:
+        url, body = dside.chat([{"role": "user", "content": f"List the numbers from {n} to {n + 60} as JSON."}], DECODE_TOKENS)
+        if schema:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": JSON_SCHEMA}}
+        async with aiohttp.ClientSession() as session:
+            return await async_stream(session, url, body)
+
+    free: list[float] = []
+    constrained: list[float] = []
+    tokens: list[int] = []
+    for rep in range(REPS):
+        for schema, into in ((False, free), (True, constrained)):
+            r = asyncio.run(one(schema, 10 + rep * 100))
+            rate = r.decode_rate()
+            if rate is None:
+                raise Skip(f"the {'constrained' if schema else 'free'} stream returned {r.completion_tokens} tokens")
+            into.append(rate)
+            if schema:
+                tokens.append(r.completion_tokens)
+    details = {
+        **common,
+        "method": "stream /v1/chat/completions, same prompt, max_tokens 128, with response_format json_schema (an object holding >= 40 integers) vs without; (tokens-1)/(last-first); medians, interleaved",
+        "constrained": spread(constrained),
+        "unconstrained": spread(free),
+        "constrained_completion_tokens": tokens,
+        "schema": JSON_SCHEMA,
+    }
+    results["P13"] = make_entry("P13", value=median(constrained), reference=median(free), details=details)
 
 
 def _p4_p12(c: LlmRun) -> None:

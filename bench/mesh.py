@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -62,6 +63,10 @@ READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
 POLL_S: Final = 0.02
 SATURATED_CPU_PCT: Final = 85.0
+DEFAULT_TIMING: Final = "lan"  # what `mongarsd run` uses without configuration
+PREVIOUS_TIMING: Final = "memberlist"  # the LAN preset before issue 11 (memberlist DefaultLANConfig)
+SIM_SIZES: Final = (30, 100, 200)
+SIM_TIMEOUT_S: Final = 300.0
 
 PUBLISHED: Final = {
     "convergence_s": 1.8,
@@ -551,15 +556,16 @@ async def async_measure(
     return out
 
 
-async def async_run_one(kind: str, n: int, *, reps: int, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+async def async_run_one(kind: str, n: int, *, reps: int, workdir: Path, log: Callable[[str], None], timing: str = "lan") -> dict[str, Any]:
     """Start a cluster of `kind` ("ours" or "serf"), measure it, and stop it (always)."""
-    cluster: OurCluster | SerfAdapter = OurCluster(n) if kind == "ours" else SerfAdapter(n, workdir / f"serf-{n}")
+    cluster: OurCluster | SerfAdapter = OurCluster(n, timing=timing) if kind == "ours" else SerfAdapter(n, workdir / f"serf-{n}")
     t0 = time.monotonic()
     try:
         await cluster.async_start()
         log(f"  {kind} N={n}: started in {time.monotonic() - t0:.1f} s")
         res = await async_measure(cluster, reps=reps, log=log)
         if isinstance(cluster, OurCluster):
+            res["timing"] = timing
             res["join_failures"] = cluster.join_failures
             res["processes"] = len(cluster.groups)
         else:
@@ -582,8 +588,10 @@ def _loopback_hosts_ok() -> str | None:
     return None
 
 
-async def async_p10(sizes: Sequence[int], *, serf: bool, reps: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Measure ours and Serf for each N; build the P10 entry."""
+async def async_p10(
+    sizes: Sequence[int], *, serf: bool, reps: int, log: Callable[[str], None], previous: bool = True, simulate: bool = True
+) -> dict[str, Any]:
+    """Measure ours and Serf for each N (and our previous timing at the headline N), simulate N = 100/200; build P10."""
     task = asyncio.current_task()
     if task is not None:  # SIGTERM unwinds like Ctrl-C: every cluster is stopped in its finally
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -606,18 +614,51 @@ async def async_p10(sizes: Sequence[int], *, serf: bool, reps: int, log: Callabl
     with tempfile.TemporaryDirectory(prefix="mongarsd-bench-mesh-") as tmp:
         for n in sizes:
             row: dict[str, Any] = {"n": n}
-            for kind in ("ours", "serf"):
+            kinds = ["ours", "serf"] + (["previous"] if previous and n == HEADLINE_N else [])
+            for kind in kinds:
                 if kind == "serf" and serf_note is not None:
                     row["serf"] = {"skipped": serf_note}
                     continue
-                log(f"P10 {kind} N={n} ...")
+                timing = PREVIOUS_TIMING if kind == "previous" else DEFAULT_TIMING
+                log(f"P10 {kind} N={n} ({'serf' if kind == 'serf' else timing}) ...")
                 try:
-                    row[kind] = await async_run_one(kind, n, reps=reps, workdir=Path(tmp), log=log)
+                    row[kind] = await async_run_one(
+                        "serf" if kind == "serf" else "ours", n, reps=reps, workdir=Path(tmp), log=log, timing=timing
+                    )
                 except Skip as err:
                     row[kind] = {"skipped": str(err)}
                     log(f"  {kind} N={n} skipped: {err}")
             table.append(row)
-    return build_p10_entry(table, serf_version=serf_version, serf_note=serf_note)
+    sim = await async_simulation(log) if simulate else {"skipped": "disabled (--no-sim)"}
+    return build_p10_entry(table, serf_version=serf_version, serf_note=serf_note, simulation=sim)
+
+
+async def async_simulation(log: Callable[[str], None], sizes: Sequence[int] = SIM_SIZES) -> dict[str, Any]:
+    """Run bench.mesh_sim in a child process (bounded by SIM_TIMEOUT_S); return its rows and fits."""
+    log(f"P10 simulation N={','.join(str(n) for n in sizes)} (in-memory network, virtual clock) ...")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.mesh_sim", "--sizes", ",".join(str(n) for n in sizes), "--json",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(SIM_TIMEOUT_S):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"skipped": f"simulation did not finish within {SIM_TIMEOUT_S:.0f} s"}
+    finally:
+        if proc.returncode is None:  # cancelled (Ctrl-C, SIGTERM): never leave it running
+            proc.kill()
+            await proc.wait()
+    text = err.decode(errors="replace")
+    log("\n".join(line for line in text.splitlines() if not line.startswith("  sim ")))
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"skipped": f"bench.mesh_sim failed ({proc.returncode}): {text.strip()[-300:]}"}
+    res = dict(json.loads(lines[-1]))
+    res["table_text"] = text[text.find("   N |") :].rstrip() if "   N |" in text else None
+    return res
 
 
 def _get(row: Mapping[str, Any], kind: str, *path: str) -> Any:
@@ -629,7 +670,50 @@ def _get(row: Mapping[str, Any], kind: str, *path: str) -> Any:
     return cur
 
 
-def build_p10_entry(table: Sequence[Mapping[str, Any]], *, serf_version: str | None, serf_note: str | None) -> dict[str, Any]:
+def timing_summary(name: str) -> dict[str, Any]:
+    """The knobs of a timing preset that decide detection time and probe traffic (pure)."""
+    from mongarsd.mesh.gossip import PRESETS
+
+    t = PRESETS[name]
+    return {
+        "preset": name,
+        "probe_interval_s": t.probe_interval_s,
+        "probe_timeout_s": t.probe_timeout_s,
+        "indirect_checks": t.indirect_checks,
+        "suspicion_mult": t.suspicion_mult,
+        "suspicion_max_timeout_mult": t.suspicion_max_timeout_mult,
+        "gossip_interval_s": t.gossip_interval_s,
+        "gossip_nodes": t.gossip_nodes,
+    }
+
+
+def timing_trade(head: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Detection, convergence and KB/s of the previous timing vs the default, same N, same run (pure)."""
+    if _get(head, "previous", "convergence_s", "median") is None:
+        return None
+
+    def figures(kind: str) -> dict[str, Any]:
+        return {
+            **timing_summary(PREVIOUS_TIMING if kind == "previous" else DEFAULT_TIMING),
+            "failure_detect_s": _get(head, kind, "failure_detect_s"),
+            "convergence_s": _get(head, kind, "convergence_s", "median"),
+            "bytes_per_node_kbps": _get(head, kind, "bytes_per_node_kbps"),
+        }
+
+    prev, now = figures("previous"), figures("ours")
+    ratio = None
+    if prev["bytes_per_node_kbps"] and now["bytes_per_node_kbps"]:
+        ratio = round(now["bytes_per_node_kbps"] / prev["bytes_per_node_kbps"], 2)
+    return {"n": head["n"], "previous": prev, "default": now, "bandwidth_ratio": ratio}
+
+
+def build_p10_entry(
+    table: Sequence[Mapping[str, Any]],
+    *,
+    serf_version: str | None,
+    serf_note: str | None,
+    simulation: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Pick the headline N (30, else the largest measured) and build the P10 entry (pure)."""
     measured = [r for r in table if _get(r, "ours", "convergence_s", "median") is not None]
     if not measured:
@@ -652,28 +736,42 @@ def build_p10_entry(table: Sequence[Mapping[str, Any]], *, serf_version: str | N
             "ours_bytes_per_node_kbps": _get(r, "ours", "bytes_per_node_kbps"),
             "serf_bytes_per_node_kbps": _get(r, "serf", "bytes_per_node_kbps"),
             "ours_machine_saturated": _get(r, "ours", "machine_saturated"),
+            **(
+                {
+                    "previous_convergence_s": _get(r, "previous", "convergence_s", "median"),
+                    "previous_failure_detect_s": _get(r, "previous", "failure_detect_s"),
+                    "previous_bytes_per_node_kbps": _get(r, "previous", "bytes_per_node_kbps"),
+                }
+                if "previous" in r
+                else {}
+            ),
         }
         for r in table
     ]
     saturated_any = any(_get(r, "ours", "machine_saturated") for r in table)
-    from mongarsd.mesh.gossip import LAN
+    from mongarsd.mesh.gossip import PRESETS
     from mongarsd.mesh.suspicion import suspicion_bounds
 
-    floor = {
-        str(r["n"]): round(
-            suspicion_bounds(
-                suspicion_mult=LAN.suspicion_mult,
-                max_timeout_mult=LAN.suspicion_max_timeout_mult,
-                n_members=r["n"],
-                probe_interval_s=LAN.probe_interval_s,
-            )[0],
-            2,
-        )
-        for r in table
-    }
+    def floor(name: str) -> dict[str, float]:
+        t = PRESETS[name]
+        return {
+            str(r["n"]): round(
+                suspicion_bounds(
+                    suspicion_mult=t.suspicion_mult,
+                    max_timeout_mult=t.suspicion_max_timeout_mult,
+                    n_members=r["n"],
+                    probe_interval_s=t.probe_interval_s,
+                )[0],
+                2,
+            )
+            for r in table
+        }
+
     details = {
         "method": (
-            "LAN preset on real UDP/TCP sockets, one loopback address per node (127.0.1.k for ours, 127.0.2.k for Serf); "
+            f"ours: the default timing preset ({DEFAULT_TIMING!r}, what `mongarsd run` uses unconfigured; at the headline N "
+            f"also the previous one, {PREVIOUS_TIMING!r}, = memberlist's DefaultLANConfig) on real UDP/TCP sockets; "
+            "Serf: its LAN profile; one loopback address per node (127.0.1.k for ours, 127.0.2.k for Serf); "
             f"ours spread over bench.mesh_node processes of <= {NODES_PER_PROC} nodes; convergence = set_local_state / "
             "`serf tags -set` on one node until every other node has the new version (its UPDATE event / "
             "EventMemberUpdate log line), median of reps; failure = async_kill / SIGKILL of one node at a time "
@@ -688,12 +786,18 @@ def build_p10_entry(table: Sequence[Mapping[str, Any]], *, serf_version: str | N
         "reference_published": {k: v for k, v in PUBLISHED.items() if k != "source"},
         "reference_published_source": PUBLISHED["source"],
         "serf": serf_version or serf_note,
-        "lan_min_suspicion_s": floor,
+        "timing": timing_summary(DEFAULT_TIMING),
+        "timing_trade": timing_trade(head),
+        "min_suspicion_s": {DEFAULT_TIMING: floor(DEFAULT_TIMING), PREVIOUS_TIMING: floor(PREVIOUS_TIMING)},
         "failure_note": (
-            "with memberlist's LAN rules the suspicion timeout alone is at least 4 x log10(N) x 1 s "
-            "(lan_min_suspicion_s), before the first failed probe (~0.5-2 s) and the dead broadcast: "
-            "from N ~ 25 up, neither Serf nor a faithful SWIM/Lifeguard port can meet 6 s with LAN timing"
+            "detection = first failed probe (~1 probe interval) + the Lifeguard suspicion timeout, at least "
+            "suspicion_mult x max(1, log10 N) x probe interval (min_suspicion_s; up to 6x that until two other "
+            "members confirm) + the dead broadcast. memberlist's LAN rules (probe 1 s, what Serf runs) put the floor "
+            "alone at 5.9 s for N = 30, so neither Serf nor the previous preset can meet 6 s there; the default preset "
+            "probes every 0.5 s and gossips every 0.1 s (same multipliers), halving every term for twice the probe "
+            "traffic (timing_trade)"
         ),
+        "simulation": simulation,
         "cpu_note": (
             "2-core machine shared with other work: timings include CPU queueing where machine_saturated is true"
             if saturated_any
@@ -710,6 +814,7 @@ def build_p10_entry(table: Sequence[Mapping[str, Any]], *, serf_version: str | N
         reference_source=source,
         serf_failure_detect_s=_get(head, "serf", "failure_detect_s"),
         serf_bytes_per_node_kbps=_get(head, "serf", "bytes_per_node_kbps"),
+        previous_failure_detect_s=_get(head, "previous", "failure_detect_s"),
         details=details,
     )
 
@@ -720,18 +825,34 @@ P11_MODEL_FILE: Final = "SmolLM2-135M-Instruct-Q4_1.gguf"
 P11_MODEL_ID: Final = "smollm2-135m-instruct:q4_1"
 P11_API_PORT: Final = 8642
 P11_GOSSIP_PORT: Final = 8643
-P11_CONCURRENCY: Final = 12  # 3 nodes x 4 slots: enough to saturate the mesh, not just one node
-P11_DURATION_S: Final = 40.0
-P11_WARMUP_S: Final = 10.0
-P11_REQUEST_TIMEOUT_S: Final = 60.0
+# Saturating load: per node, one client per engine slot plus a few waiting behind them, so every
+# slot stays busy with a queue behind it; the lone node gets its share, the mesh three shares.
+# (Three nodes' worth of clients on one node mostly buys 429s, each answered inside the same CPU
+# budget: on the dev machine, 1 slot, 12 clients, the lone node refused ~7 requests/s and
+# completed 14 in 30 s, where the same node completed 22 as the mesh's entry.)
+P11_WAITING_PER_NODE: Final = 3
+P11_DURATION_S: Final = 60.0  # at ~5 s per request under 0.5 CPU, 30 s held only ~5 completions of the lone node
+P11_WARMUP_S: Final = 8.0
+# A legitimate wait, not a hang: a daemon admits up to slots + queue_depth (4 + 16 here) requests
+# and never drops queued work, and the saturating load keeps every client's request in the system,
+# so a request's latency is clients / throughput (Little's law). Under 0.5 CPU a node completes
+# ~0.2 requests/s: ~35 s for 7 clients per node in the mesh, ~52 s once the failover run's kill
+# leaves 21 clients on two nodes, and a request the dead node held is retried at the back of a
+# survivor's queue, so it waits twice. A 60 s client limit turned those into "lost" requests the
+# daemons still answered 200 after 64-70 s (mesh_forwarded elapsed_ms in the kept logs). 180 s is
+# 3x the mean wait after the kill, and below common client defaults (the OpenAI SDKs wait 600 s).
+P11_REQUEST_TIMEOUT_S: Final = 180.0
 P11_BACKOFF_S: Final = 1.0
 P11_MAX_TOKENS: Final = 48
 P11_READY_TIMEOUT_S: Final = 180.0
 P11_MESH_TIMEOUT_S: Final = 60.0
-P11_NOTE: Final = (
-    "not meaningful on one 2-core host: the three daemons share the same two cores, so the mesh can only "
-    "spread CPU-bound decoding over cores that are already busy; the >= 2.5x target needs three boards"
-)
+P11_CPUS_PER_NODE: Final = 0.5  # each daemon's budget (its own cgroup), the lone node's too
+P11_LLAMA_THREADS: Final = 1
+P11_KILL_AFTER_S: Final = 10.0  # failover run: SIGKILL a peer this long into the counted window
+P11_KILLED_NODE: Final = 2
+P11_PHASES: Final = ("single", "single_stream", "mesh", "mesh_stream", "failover")
+FORWARD_EVENTS: Final = ("mesh_forwarded", "mesh_forward_failed", "mesh_forward_broken_mid_stream")
+LOST_STATUSES_OK: Final = frozenset({"200", "429", "503"})  # 429/503 = refused with Retry-After, retried by the client
 
 
 def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> dict[str, Any]:
@@ -742,13 +863,98 @@ def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> di
         done = int(r.get("completed") or 0)
         return done / el if el > 0 and done > 0 else None
 
+    def tps(r: Mapping[str, Any]) -> float | None:
+        el = float(r.get("elapsed_s") or 0.0)
+        tokens = int(r.get("tokens") or 0)
+        return tokens / el if el > 0 and tokens > 0 else None
+
     one, three = rps(single), rps(mesh)
+    one_t, three_t = tps(single), tps(mesh)
     return {
         "single_rps": one,
         "mesh_rps": three,
         "ratio": (three / one) if one and three else None,
+        "single_tokens_per_s": one_t,
+        "mesh_tokens_per_s": three_t,
+        "tokens_ratio": (three_t / one_t) if one_t and three_t else None,
         "single_errors": int(single.get("errors") or 0),
         "mesh_errors": int(mesh.get("errors") or 0),
+    }
+
+
+def clients_for(nodes: int, slots: int) -> int:
+    """Concurrent clients that saturate `nodes` daemons of `slots` engine slots each (pure)."""
+    return max(1, nodes) * (max(1, slots) + P11_WAITING_PER_NODE)
+
+
+def engine_slots(lines: Sequence[str]) -> int | None:
+    """The engine's slot count from a daemon's JSON log (its llm_started line), None if absent (pure)."""
+    for line in lines:
+        if '"llm_started"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        slots = rec.get("slots") if isinstance(rec, dict) else None
+        if isinstance(slots, int) and slots > 0:
+            return slots
+    return None
+
+
+def lost_requests(run: Mapping[str, Any]) -> int:
+    """Requests the client never got an answer for: transport errors and statuses other than 200/429/503 (pure)."""
+    return sum(int(n) for status, n in (run.get("statuses") or {}).items() if status not in LOST_STATUSES_OK)
+
+
+def count_log_events(lines: Sequence[str], events: Sequence[str] = FORWARD_EVENTS) -> dict[str, Any]:
+    """Count forwarding events in a daemon's JSON log lines: per event, and mesh_forwarded per peer (pure)."""
+    counts: dict[str, Any] = {e: 0 for e in events}
+    by_peer: dict[str, int] = {}
+    for line in lines:
+        if '"event"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        ev = rec.get("event") if isinstance(rec, dict) else None
+        if ev in counts:
+            counts[ev] += 1
+            if ev == "mesh_forwarded":
+                peer = str(rec.get("peer"))
+                by_peer[peer] = by_peer.get(peer, 0) + 1
+    counts["forwarded_to"] = by_peer
+    return counts
+
+
+def diff_counts(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """after - before for count_log_events results, nested per-peer maps included (pure)."""
+    out: dict[str, Any] = {}
+    for key, val in after.items():
+        prev = before.get(key)
+        if isinstance(val, Mapping):
+            prev_map = prev if isinstance(prev, Mapping) else {}
+            out[key] = {k: int(v) - int(prev_map.get(k, 0)) for k, v in val.items() if int(v) - int(prev_map.get(k, 0))}
+        else:
+            out[key] = int(val) - int(prev or 0)
+    return out
+
+
+def scheduler_choices(per_daemon: Mapping[str, Mapping[str, Any]], entry: str = "daemon0") -> dict[str, Any]:
+    """Summarize one phase's forwarding: first hops from the entry, second hops from the others (pure).
+
+    The client only talks to the entry node, so every forward made by another node is a
+    request forwarded twice.
+    """
+    first = per_daemon.get(entry, {})
+    second = sum(int(c.get("mesh_forwarded", 0)) for d, c in per_daemon.items() if d != entry)
+    return {
+        "forwarded_by_entry": int(first.get("mesh_forwarded", 0)),
+        "entry_forwarded_to": dict(first.get("forwarded_to", {})),
+        "forwarded_twice": second,
+        "forward_failures": sum(int(c.get("mesh_forward_failed", 0)) for c in per_daemon.values()),
+        "broken_mid_stream": sum(int(c.get("mesh_forward_broken_mid_stream", 0)) for c in per_daemon.values()),
     }
 
 
@@ -766,9 +972,17 @@ def p11_missing() -> str | None:
     return unavailable_reason()
 
 
-async def async_load(base: str, *, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int) -> dict[str, Any]:
-    """Saturate POST /v1/completions with `concurrency` clients; count completions after warm-up."""
+async def async_load(
+    base: str, *, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int, stream: bool = False
+) -> dict[str, Any]:
+    """Saturate POST /v1/completions with `concurrency` clients; count completions after warm-up.
+
+    Streamed: a request completes when its SSE stream ends with `data: [DONE]`; tokens are the
+    content chunks. A stream cut short counts as `stream_cut` (a lost request).
+    """
     import aiohttp
+
+    from bench.llm import count_prompt
 
     url = base.rstrip("/") + "/v1/completions"
     t_start = time.monotonic()
@@ -777,24 +991,40 @@ async def async_load(base: str, *, concurrency: int, duration_s: float, warmup_s
     completed = errors = tokens = 0
     statuses: dict[str, int] = {}
     served_by: dict[str, int] = {}
+    latencies: list[float] = []  # seconds, of the requests answered 200 inside the counted window
 
     async def client(session: aiohttp.ClientSession, k: int) -> None:
         nonlocal completed, errors, tokens
         i = 0
         while time.monotonic() < t_end:
             i += 1
+            # Equal work per request: a counting prompt at temperature 0 runs to max_tokens (no early
+            # EOS), a new start each time (no prefix-cache hit). Free text stops at random lengths,
+            # and requests/s then compares different amounts of decoding.
             body = {
                 "model": P11_MODEL_ID,
-                "prompt": f"Client {k} request {i}: list three facts about the number {k * 1000 + i}.",
+                "prompt": count_prompt(k * 100_000 + i * 1000),
                 "max_tokens": max_tokens,
-                "temperature": 0.7,
-                "stream": False,
+                "temperature": 0.0,
+                "stream": stream,
             }
+            chunks = 0
+            done_marker = False
+            t_sent = time.monotonic()
             try:
                 async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=P11_REQUEST_TIMEOUT_S)) as resp:
-                    data = await resp.read()
                     node = resp.headers.get("X-Mongars-Served-By", "local")
                     retry_after = resp.headers.get("Retry-After", "")
+                    if stream and resp.status == 200:
+                        data = b""
+                        async for raw_line in resp.content:
+                            line = raw_line.strip()
+                            if line == b"data: [DONE]":
+                                done_marker = True
+                            elif line.startswith(b"data: "):
+                                chunks += 1
+                    else:
+                        data = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as err:
                 statuses[type(err).__name__] = statuses.get(type(err).__name__, 0) + 1
                 errors += 1
@@ -807,10 +1037,18 @@ async def async_load(base: str, *, concurrency: int, duration_s: float, warmup_s
                 await asyncio.sleep(min(max(pause, 0.05), P11_BACKOFF_S))
             if time.monotonic() < t_measure:
                 continue  # warm-up: models load, queues fill
+            if stream and resp.status == 200 and not done_marker:
+                statuses["stream_cut"] = statuses.get("stream_cut", 0) + 1
+                errors += 1
+                continue
             statuses[str(resp.status)] = statuses.get(str(resp.status), 0) + 1
             if resp.status == 200 and time.monotonic() <= t_end:
                 completed += 1
+                latencies.append(time.monotonic() - t_sent)
                 served_by[node] = served_by.get(node, 0) + 1
+                if stream:
+                    tokens += chunks
+                    continue
                 try:
                     tokens += int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
                 except (ValueError, AttributeError, TypeError):
@@ -826,9 +1064,20 @@ async def async_load(base: str, *, concurrency: int, duration_s: float, warmup_s
         "tokens": tokens,
         "elapsed_s": duration_s,
         "concurrency": concurrency,
+        "stream": stream,
         "statuses": statuses,
         "served_by_header": served_by,
+        "latency_s": latency_summary(latencies),
     }
+
+
+def latency_summary(latencies: Sequence[float]) -> dict[str, float | None]:
+    """Median, p95 and max of request latencies in seconds, rounded; None where there are none (pure)."""
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 2)
+
+    return {"p50": r(quantile(latencies, 0.5)), "p95": r(quantile(latencies, 0.95)), "max": r(max(latencies, default=None))}
 
 
 async def async_wait_peers(base: str, want: int, timeout_s: float) -> int:
@@ -860,20 +1109,34 @@ def _p11_in_ns(lab: Any, node: int, *args: str, timeout_s: float) -> dict[str, A
     raise Skip(f"P11 client in namespace failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
 
 
-def run_p11(log: Callable[[str], None]) -> dict[str, Any]:
-    """3 daemons in 3 namespaces vs 1, the same load on ONE entry node (blocking)."""
+def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wanted: Sequence[str] = P11_PHASES) -> dict[str, Any]:
+    """3 daemons in 3 namespaces vs 1, each in its own CPU budget, the same load on ONE entry node (blocking).
+
+    `keep_logs` keeps the daemons' logs and state dirs (bench.run --keep-logs); `phases_wanted`
+    runs a subset (P11_PHASES names, from BENCH_P11_PHASES) to diagnose one phase quickly.
+    """
     why = p11_missing()
     if why is not None:
         return skipped_entry("P11", why)
+    from bench import cgroup
     from tests.netns.harness import NetnsLab, cleanup_stale
 
+    ctl = cgroup.find_controller()
+    if ctl is None:
+        return skipped_entry("P11", "no cgroup cpu controller (v2 cpu.max or v1 cfs quota) to give each daemon its own CPU budget")
     cleanup_stale()
+    cgroup.cleanup_stale()
     work = Path(tempfile.mkdtemp(prefix="mongarsd-bench-p11-"))
     base = f"http://127.0.0.1:{P11_API_PORT}"
-    load_args = ["--url", base, "--concurrency", str(P11_CONCURRENCY), "--duration", str(P11_DURATION_S)]
     client_timeout = P11_DURATION_S + P11_WARMUP_S + P11_REQUEST_TIMEOUT_S + 60
+    phases: dict[str, dict[str, Any]] = {}
+    procs: dict[int, Any] = {}
     try:
-        with NetnsLab(3) as lab:
+        with contextlib.ExitStack() as stack:
+            # Entered first, left last: the groups are removed after the lab stopped the daemons
+            # (and a group still holding a process is emptied into its parent first).
+            budgets = [stack.enter_context(cgroup.CpuBudget(f"p11-node{i}", cpus=P11_CPUS_PER_NODE, controller=ctl)) for i in range(3)]
+            lab = stack.enter_context(NetnsLab(3))
             states = [work / f"state{i}" for i in range(3)]
             # One cluster key for the three (what `mongarsd keys generate/install` would write).
             from mongarsd.mesh.keyring import Keyring, generate_key
@@ -895,12 +1158,15 @@ def run_p11(log: Callable[[str], None]) -> dict[str, Any]:
                     return skipped_entry("P11", f"`mongarsd token create` failed: {(tok.stderr or tok.stdout).strip()[-300:]}")
             seeds = ",".join(f"{n.ip}:{P11_GOSSIP_PORT}" for n in lab.nodes)
 
-            def start(i: int) -> Any:
+            def start(i: int) -> None:
                 env = {
                     "MONGARSD_CONFIG": str(empty),
                     "MONGARSD_LOG__FORMAT": "json",
+                    "MONGARSD_LOG__LEVEL": "info",  # mesh_forwarded lines are the scheduler's choices
                     "MONGARSD_MESH__ENABLED": "true",
                     "MONGARSD_EMBED__PRELOAD": "false",  # completions only: the embedder would just take memory
+                    "MONGARSD_INFERENCE__THREADS": str(P11_LLAMA_THREADS),
+                    "MONGARSD_INFERENCE__THREADS_BATCH": str(P11_LLAMA_THREADS),
                     # the load comes from one loopback client: measure throughput, not the rate limiter
                     "MONGARSD_AUTH__RATE_LIMIT_RPS": "100000",
                     "MONGARSD_AUTH__RATE_LIMIT_BURST": "100000",
@@ -910,52 +1176,175 @@ def run_p11(log: Callable[[str], None]) -> dict[str, Any]:
                     "MONGARSD_MESH__MDNS": "false",  # static seeds: no multicast chatter on the measured cores
                     "MONGARSD_MESH__SKIP_VIRTUAL_INTERFACES": "false",  # eth0 in a namespace is a veth
                 }
-                log_fh = (work / f"daemon{i}.log").open("wb")
-                return lab.popen(
+                log_fh = stack.enter_context((work / f"daemon{i}.log").open("wb"))
+                proc = lab.popen(
                     i,
                     sys.executable, "-m", "mongarsd", "run", "--host", "0.0.0.0", "--port", str(P11_API_PORT),
                     "--state-dir", str(states[i]), "--models-dir", str(REPO / "models"),
                     env=env, stdout=log_fh, stderr=subprocess.STDOUT,
                 )  # fmt: skip
+                # `ip netns exec` execs the daemon in place: this pid is the daemon from now on,
+                # and every thread it starts (llama.cpp's) is born inside the budget.
+                budgets[i].add(proc.pid)
+                procs[i] = proc
+
+            def daemons() -> list[int]:
+                return sorted(procs)
+
+            def events() -> dict[str, dict[str, Any]]:
+                return {f"daemon{i}": count_log_events(_read_lines(work / f"daemon{i}.log")) for i in daemons()}
+
+            def phase(name: str, *, stream: bool, nodes: int, during: Callable[[], None] | None = None) -> dict[str, Any]:
+                clients = clients_for(nodes, slots)
+                log(f"  P11: {name} ({'streamed' if stream else 'non-streamed'}), {clients} clients ...")
+                args = ["--url", base, "--concurrency", str(clients), "--duration", str(P11_DURATION_S)]
+                ev0, cpu0, thr0 = events(), _cpu_seconds(procs), [b.stat() for b in budgets]
+                t0 = time.monotonic()
+                if during is None:
+                    res = _p11_in_ns(lab, 0, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
+                else:
+                    import concurrent.futures
+
+                    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                        fut = pool.submit(_p11_in_ns, lab, 0, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
+                        during()
+                        res = fut.result()
+                dt = time.monotonic() - t0
+                cpu1, thr1 = _cpu_seconds(procs), [b.stat() for b in budgets]
+                per = {d: diff_counts(ev0.get(d, {}), c) for d, c in events().items()}
+                res["scheduler"] = scheduler_choices(per)
+                res["forward_log_counts"] = per
+                res["cpu_cores_used"] = {f"daemon{i}": round((cpu1[i] - cpu0[i]) / dt, 3) for i in cpu0 if i in cpu1}
+                res["cgroup_throttled_periods"] = {
+                    f"daemon{i}": thr1[i].get("nr_throttled", 0) - thr0[i].get("nr_throttled", 0) for i in range(3) if thr0[i]
+                }
+                res["lost"] = lost_requests(res)
+                log(
+                    f"    {res['completed']} completed in {P11_DURATION_S:.0f} s, served by {res['served_by_header']}, "
+                    f"statuses {res['statuses']}, scheduler {res['scheduler']}, cpu {res['cpu_cores_used']}"
+                )
+                return res
 
             start(0)
             if _p11_in_ns(lab, 0, "--url", base, "--wait-peers", "1", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0) < 1:
                 return skipped_entry("P11", "the entry daemon did not come up")
-            log("  P11: one daemon, saturating load ...")
-            single = _p11_in_ns(lab, 0, *load_args, timeout_s=client_timeout)
+            slots = engine_slots(_read_lines(work / "daemon0.log")) or 1
+            if "single" in phases_wanted:
+                phases["single"] = phase("one daemon", stream=False, nodes=1)
+            if "single_stream" in phases_wanted:
+                phases["single_stream"] = phase("one daemon", stream=True, nodes=1)
             start(1)
             start(2)
             alive = int(_p11_in_ns(lab, 0, "--url", base, "--wait-peers", "3", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0))
             if alive < 3:
                 return skipped_entry("P11", f"the mesh did not form: the entry node sees {alive} alive member(s)")
-            log("  P11: three daemons, same load on the entry node ...")
-            mesh = _p11_in_ns(lab, 0, *load_args, timeout_s=client_timeout)
+            if "mesh" in phases_wanted:
+                phases["mesh"] = phase("three daemons", stream=False, nodes=3)
+            if "mesh_stream" in phases_wanted:
+                phases["mesh_stream"] = phase("three daemons", stream=True, nodes=3)
+            killed: dict[str, Any] = {}
+
+            def kill_peer() -> None:
+                time.sleep(P11_WARMUP_S + P11_KILL_AFTER_S)
+                killed["t_into_window_s"] = P11_KILL_AFTER_S
+                procs[P11_KILLED_NODE].kill()  # SIGKILL: no LEAVE, sockets reset, as a crash
+                killed["rc"] = procs[P11_KILLED_NODE].wait(timeout=10)
+                log(f"    SIGKILLed daemon{P11_KILLED_NODE} {P11_KILL_AFTER_S:.0f} s into the counted window")
+
+            if "failover" in phases_wanted:
+                phases["failover"] = phase("three daemons, one SIGKILLed mid-load", stream=False, nodes=3, during=kill_peer)
+                phases["failover"]["killed"] = {"node": f"daemon{P11_KILLED_NODE}", **killed}
             logs = {f"daemon{i}": _tail_errors(work / f"daemon{i}.log") for i in range(3)}
+            method = budgets[0].method
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    s = throughput_summary(single, mesh)
+        if keep_logs:
+            log(f"  P11: daemon logs and state dirs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return build_p11_entry(phases, budget_method=method, cgroup_version=ctl.version, daemon_warnings=logs, slots=slots)
+
+
+def build_p11_entry(
+    phases: Mapping[str, Mapping[str, Any]],
+    *,
+    budget_method: str,
+    cgroup_version: int,
+    daemon_warnings: Mapping[str, Any],
+    slots: int = 1,
+) -> dict[str, Any]:
+    """The P11 entry: non-streamed ratio as the value, streamed ratio and failover losses beside it (pure)."""
+    s = throughput_summary(phases.get("single", {}), phases.get("mesh", {}))
+    st = throughput_summary(phases.get("single_stream", {}), phases.get("mesh_stream", {}))
+    fail = phases.get("failover", {})
     return make_entry(
         "P11",
         value=s["mesh_rps"],
         reference=s["single_rps"],
         unit="requests/s",
         ratio=s["ratio"],
-        meaningful=False,
+        stream_ratio=st["ratio"],
+        tokens_ratio=s["tokens_ratio"],
+        stream_tokens_ratio=st["tokens_ratio"],
+        failover_lost=lost_requests(fail) if fail else None,
         details={
-            "note": P11_NOTE,
             "method": (
-                f"3 namespaces on a bridge, `mongarsd run` in each (mesh enabled, LAN timing, shared keyring, static "
-                f"seeds); {P11_CONCURRENCY} concurrent non-streaming /v1/completions clients (max_tokens "
-                f"{P11_MAX_TOKENS}) against the entry node only, {P11_WARMUP_S:.0f} s warm-up then "
-                f"{P11_DURATION_S:.0f} s counted; reference = the same load with only the entry daemon running"
+                f"3 namespaces on a bridge, `mongarsd run` in each (mesh enabled, default LAN timing, shared keyring, static "
+                f"seeds, {P11_LLAMA_THREADS} llama.cpp thread); each daemon in its own cgroup held to "
+                f"{P11_CPUS_PER_NODE} CPU ({'v2 cpu.max' if cgroup_version == 2 else 'v1 CFS quota: the v2 hierarchy has no cpu controller here'}), "
+                f"the lone daemon of the reference under the same budget, so 3 nodes have 3x one node's compute "
+                f"(1.5 of the machine's CPUs; the load client runs outside the budgets). Saturating load: per node, one "
+                f"client per engine slot ({slots}) + {P11_WAITING_PER_NODE} waiting, i.e. {clients_for(1, slots)} concurrent "
+                f"clients for the lone node and {clients_for(3, slots)} for the mesh, /v1/completions (a counting prompt at temperature 0, so every request decodes max_tokens = {P11_MAX_TOKENS}; non-streamed, then streamed) against the entry node "
+                f"only, {P11_WARMUP_S:.0f} s warm-up then {P11_DURATION_S:.0f} s counted; 429/503 answers are retried "
+                f"after Retry-After (<= {P11_BACKOFF_S:.0f} s); a client waits up to {P11_REQUEST_TIMEOUT_S:.0f} s for an answer "
+                f"(saturated queues: latency = clients / throughput). Failover: the non-streamed load again, daemon{P11_KILLED_NODE} "
+                f"SIGKILLed {P11_KILL_AFTER_S:.0f} s into the counted window; lost = transport errors and statuses other "
+                "than 200/429/503. Scheduler choices from the daemons' mesh_forwarded log lines: the client talks to the "
+                "entry only, so a forward made by another node is a request forwarded twice"
             ),
-            "single": single,
-            "mesh": mesh,
+            "cpu_budget": budget_method,
+            "cgroup_version": cgroup_version,
+            "engine_slots": slots,
+            "clients": {"single": clients_for(1, slots), "mesh": clients_for(3, slots)},
             "summary": s,
+            "summary_stream": st,
+            "failover": {
+                "completed": fail.get("completed"),
+                "lost": lost_requests(fail) if fail else None,
+                "statuses": fail.get("statuses"),
+                "latency_s": fail.get("latency_s"),
+                "request_timeout_s": P11_REQUEST_TIMEOUT_S,
+                "scheduler": fail.get("scheduler"),
+                "killed": fail.get("killed"),
+            },
+            "scheduler": {name: p.get("scheduler") for name, p in phases.items()},
+            "phases": dict(phases),
             "cores": len(os.sched_getaffinity(0)),
-            "daemon_warnings": logs,
+            "daemon_warnings": dict(daemon_warnings),
         },
     )
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Return a log file's lines, [] if unreadable (blocking)."""
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _cpu_seconds(procs: Mapping[int, Any]) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each running daemon (blocking)."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for i, proc in procs.items():
+        try:
+            t = psutil.Process(proc.pid).cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # killed (failover) or gone
+            continue
+        out[i] = float(t.user + t.system)
+    return out
 
 
 def _tail_errors(path: Path, limit: int = 8) -> list[str]:
@@ -972,7 +1361,12 @@ async def async_p11_client(args: argparse.Namespace) -> dict[str, Any]:
     if args.wait_peers:
         return {"alive": await async_wait_peers(args.url, int(args.wait_peers), P11_READY_TIMEOUT_S)}
     return await async_load(
-        args.url, concurrency=args.concurrency, duration_s=args.duration, warmup_s=P11_WARMUP_S, max_tokens=P11_MAX_TOKENS
+        args.url,
+        concurrency=args.concurrency,
+        duration_s=args.duration,
+        warmup_s=P11_WARMUP_S,
+        max_tokens=P11_MAX_TOKENS,
+        stream=bool(args.stream),
     )
 
 
@@ -991,7 +1385,13 @@ def _only_from_bench_run(argv: Sequence[str]) -> set[str] | None:
 
 
 def run(
-    results: dict[str, Any], *, sizes: Sequence[int] = SIZES, serf: bool = True, reps: int = CONVERGENCE_REPS, only: set[str] | None = None
+    results: dict[str, Any],
+    *,
+    sizes: Sequence[int] = SIZES,
+    serf: bool = True,
+    reps: int = CONVERGENCE_REPS,
+    only: set[str] | None = None,
+    simulate: bool = True,
 ) -> None:
     """Fill results["P10"] and results["P11"] (bench.run's team-module hook)."""
     only = only or _only_from_bench_run(sys.argv) or {"P10", "P11"}
@@ -1000,10 +1400,13 @@ def run(
         print(msg, flush=True)
 
     if "P10" in only:
-        results["P10"] = asyncio.run(async_p10(sizes, serf=serf, reps=reps, log=log))
+        results["P10"] = asyncio.run(async_p10(sizes, serf=serf, reps=reps, log=log, simulate=simulate))
         results["P10"]["machine"] = describe_machine()
+        if not results["P10"].get("skipped"):
+            log(format_p10_table(results["P10"]))
     if "P11" in only:
-        results["P11"] = run_p11(log)
+        wanted = [p.strip() for p in os.environ.get("BENCH_P11_PHASES", "").split(",") if p.strip()] or P11_PHASES
+        results["P11"] = run_p11(log, keep_logs="--keep-logs" in sys.argv, phases_wanted=wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1012,19 +1415,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=CONVERGENCE_REPS)
     parser.add_argument("--only", default="P10,P11")
     parser.add_argument("--no-serf", action="store_true")
+    parser.add_argument("--no-sim", action="store_true", help="skip the N = 100/200 simulation")
     parser.add_argument("--json", type=Path, help="also write the entries here")
     parser.add_argument("--p11-client", action="store_true", help=argparse.SUPPRESS)  # run inside a namespace by run_p11
     parser.add_argument("--url", default=f"http://127.0.0.1:{P11_API_PORT}", help=argparse.SUPPRESS)
     parser.add_argument("--wait-peers", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--concurrency", type=int, default=P11_CONCURRENCY, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=clients_for(3, 1), help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=P11_DURATION_S, help=argparse.SUPPRESS)
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.p11_client:
         print(json.dumps(asyncio.run(async_p11_client(args))), flush=True)
         return 0
     results: dict[str, Any] = {}
     only = {p.strip().upper() for p in args.only.split(",") if p.strip()}
-    run(results, sizes=[int(s) for s in args.sizes.split(",")], serf=not args.no_serf, reps=args.reps, only=only)
+    run(results, sizes=[int(s) for s in args.sizes.split(",")], serf=not args.no_serf, reps=args.reps, only=only, simulate=not args.no_sim)
     text = json.dumps(results, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -1032,8 +1437,6 @@ def main(argv: list[str] | None = None) -> int:
     for pid, e in results.items():
         if e.get("skipped"):
             print(f"{pid}: skipped: {e['skipped']}")
-    if "P10" in results and not results["P10"].get("skipped"):
-        print(format_p10_table(results["P10"]))
     return 0
 
 
@@ -1043,13 +1446,32 @@ def format_p10_table(entry: Mapping[str, Any]) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
+    details = entry.get("details", {})
     rows = ["   N | conv ours  serf (s) | fail ours  serf (s) | KB/s/node ours  serf | saturated"]
-    for r in entry.get("details", {}).get("table", []):
+    for r in details.get("table", []):
         rows.append(
             f"{r['n']:>4} | {f(r['ours_convergence_s']):>9} {f(r['serf_convergence_s']):>5}    | "
             f"{f(r['ours_failure_detect_s']):>9} {f(r['serf_failure_detect_s']):>5}    | "
             f"{f(r['ours_bytes_per_node_kbps']):>14} {f(r['serf_bytes_per_node_kbps']):>5} | {f(r['ours_machine_saturated'])}"
         )
+    trade = details.get("timing_trade")
+    if trade:
+        rows.append(f"timing trade at N={trade['n']} (same run): preset | probe s | detect s | conv s | KB/s/node")
+        for key in ("previous", "default"):
+            t = trade[key]
+            rows.append(
+                f"  {t['preset']:>10} | {f(t['probe_interval_s']):>7} | {f(t['failure_detect_s']):>8} | "
+                f"{f(t['convergence_s']):>6} | {f(t['bytes_per_node_kbps']):>9}"
+            )
+    sim = details.get("simulation") or {}
+    if sim.get("rows"):
+        rows.append("simulation (in-memory network, virtual clock; exp = back-of-envelope):")
+        rows.append(sim.get("table_text") or "")
+        for timing, fits in (sim.get("growth") or {}).items():
+            parts = [f"{k} = {v['a']} + {v['b_per_decade']} x log10(N) (r2 {v['r2']})" for k, v in fits.items() if v]
+            rows.append(f"  {timing}: " + "; ".join(parts))
+    elif sim.get("skipped"):
+        rows.append(f"simulation skipped: {sim['skipped']}")
     return "\n".join(rows)
 
 

@@ -30,16 +30,24 @@ from bench.common import REPO, TARGET_IDS, describe_machine, dump_json, finalize
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11")}
-LLM_IDS = {"P1", "P2", "P3", "P4", "P5", "P12"}
+LLM_IDS = {"P1", "P2", "P3", "P4", "P5", "P12", "P13"}
+NOT_YET = {
+    "P14": "Sommeil Paradoxal's idle work does not exist yet (issue 15); nothing to measure TTFT against",
+    "P15": "there is no portable (distributed) llama.cpp build yet (issue 12)",
+    "P16": "there is no single executable yet (issue 12)",
+}
 
 
 @contextmanager
-def load_noted(results: dict[str, Any], pids: tuple[str, ...]) -> Iterator[None]:
+def load_noted(results: dict[str, Any], pids: tuple[str, ...], log: Any = print) -> Iterator[None]:
     """Record the 1-minute load average before and after a group in its entries' details.
 
-    Other work on a small board skews every number; this says how busy the machine was.
+    Other work on a small board skews every number; this says how busy the machine was, and
+    warns when another process uses the CPU as the group starts.
     """
     before = os.getloadavg()[0]
+    busy = busy_processes()
+    log(f"  load average {before:.2f}" + (" - warning, busy: " + "; ".join(busy) if busy else ""))
     yield
     after = os.getloadavg()[0]
     for pid in pids:
@@ -48,6 +56,8 @@ def load_noted(results: dict[str, Any], pids: tuple[str, ...]) -> Iterator[None]
             details = entry.setdefault("details", {})
             if isinstance(details, dict):
                 details["loadavg_1m_before_after"] = [round(before, 2), round(after, 2)]
+                if busy:
+                    details["busy_at_start"] = busy
 
 
 def parse_only(text: str | None) -> set[str]:
@@ -150,21 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "P6" in only:
             log("P6 embeddings ...")
-            with load_noted(results, ("P6",)):
+            with load_noted(results, ("P6",), log=log):
                 embed.run(results, settings=settings, log=log)
         if {"P8", "P9"} & only:
             log("P8/P9 startup ...")
-            with load_noted(results, ("P8", "P9")):
+            with load_noted(results, ("P8", "P9"), log=log):
                 startup.run(results, settings=settings, workdir=workdir, only=only, log=log)
         if LLM_IDS & only:
-            log("P1-P5, P12 inference ...")
-            with load_noted(results, tuple(LLM_IDS)):
+            log("P1-P5, P12, P13 inference ...")
+            with load_noted(results, tuple(LLM_IDS), log=log):
                 llm.run(results, settings=settings, workdir=workdir, only=only, log=log)
         for name, pids in TEAM_MODULES.items():
             if set(pids) & only:
                 log(f"{'/'.join(pids)} {name} ...")
-                with load_noted(results, pids):
+                with load_noted(results, pids, log=log):
                     run_team_module(name, pids, results, only, log)
+        for pid, reason in NOT_YET.items():
+            if pid in only:
+                results[pid] = skipped_entry(pid, reason)
     finally:
         if args.keep_logs:
             log(f"logs and state dirs kept in {workdir}")

@@ -18,6 +18,24 @@ STARTS_WITH_MODELS: Final = 3
 STARTS_WITHOUT_MODELS: Final = 2
 
 
+def rss_split_mb(pid: int) -> dict[str, float]:
+    """Return a process's resident anonymous and file-backed memory in MB (Linux /proc; empty elsewhere).
+
+    File-backed pages (mmap'd GGUF, shared libraries) are clean and the kernel can drop them
+    under pressure; anonymous ones (KV cache, ONNX Runtime tensors, Python heap) it cannot.
+    """
+    out: dict[str, float] = {}
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            out[key.removeprefix("Rss").lower()] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def _models_loaded(url: str) -> Any:
     """What the daemon says is loaded (Ollama /api/ps), or None when it cannot say."""
     try:
@@ -38,7 +56,9 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
         return
     ready_s: list[float] = []
     loaded_rss: list[float] = []
+    loaded_split: list[dict[str, float]] = []
     bare_rss: list[float] = []
+    bare_split: list[dict[str, float]] = []
     loaded_models: Any = None
     services: Any = None
     try:
@@ -48,6 +68,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
                 assert d.ready_s is not None
                 ready_s.append(d.ready_s)
                 loaded_rss.append(settled_rss_mb(d.pid))
+                loaded_split.append(rss_split_mb(d.pid))
                 loaded_models = _models_loaded(d.url)
                 status, body = http_get(d.url + "/ready", timeout=5)
                 services = json.loads(body).get("services") if status == 200 else None
@@ -58,6 +79,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
                 d = start_daemon(workdir, settings, name=f"bare{i}", models=False)
                 try:
                     bare_rss.append(settled_rss_mb(d.pid))
+                    bare_split.append(rss_split_mb(d.pid))
                 finally:
                     d.stop()
     except Skip as err:
@@ -90,6 +112,8 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
             "method": "VmRSS of the daemon process once /ready and RSS stopped growing; MONGARSD_INFERENCE__PRELOAD/EMBED__PRELOAD=false vs board defaults",
             "no_models_mb": spread(bare_rss),
             "default_models_mb": spread(loaded_rss),
+            "no_models_anon_file_mb": bare_split,
+            "default_models_anon_file_mb": loaded_split,
             "loaded_models": loaded_models,
         }
         if note:

@@ -27,9 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # BLAS thread pools would fight llama.cpp's threads for the board's few cores.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from mongarsd.daemon import Daemon
+    from mongarsd.daemon import Daemon, limit_malloc_arenas
     from mongarsd.log import configure_logging
 
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        limit_malloc_arenas()
     loaded, board = load_from_args(args)
     configure_logging(loaded.config.log.format, loaded.config.log.level)
     daemon = Daemon(loaded=loaded, board=board, reload_config=lambda: load_from_args(args)[0])
@@ -169,6 +171,11 @@ def _domain_registrars() -> list[Callable[..., None]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is cmd_run and "structlog" not in sys.modules:
+        # structlog formats exceptions with rich whenever rich is importable (a test dependency
+        # brings it); the daemon logs plain tracebacks, so rich and pygments (3.4 MB resident)
+        # stay out of its process.
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from mongarsd.log import configure_logging
 
     # Commands print their results on stdout; logs go to stderr, quietly, unless `run` says otherwise.

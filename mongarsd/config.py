@@ -83,6 +83,7 @@ class InferenceConfig:
     max_tokens_default: int = 256
     preload: bool = True
     max_prompt_chars: int = 200_000
+    stream_interval_ms: int = 50
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "log.level": _choice("debug", "info", "warning", "error"),
     "inference.threads": _non_negative,
     "inference.threads_batch": _non_negative,
+    "inference.stream_interval_ms": lambda v: None if 0 <= v <= 1000 else "must be between 0 and 1000",
     "inference.n_ctx": lambda v: None if 128 <= v <= 1 << 20 else "must be between 128 and 1048576",
     "inference.n_batch": _positive,
     "inference.n_ubatch": _positive,
@@ -203,7 +205,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "memory.purge_interval_s": _positive,
     "memory.default_ttl_days": _non_negative,
     "mesh.gossip_port": _port,
-    "mesh.timing": _choice("lan", "local"),
+    "mesh.timing": _choice("lan", "local", "memberlist"),
     "mesh.hop_limit": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
     "maintenance.idle_after_s": _non_negative,
     "hands.max_rounds": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",

@@ -4,8 +4,14 @@ Mirrors llama-server's slot loop. One dedicated thread owns the llama.cpp contex
 it puts, into one reused llama_batch, the next token of every generating slot, then prompt
 tokens of prefilling slots up to `n_batch`, calls llama_decode once, and samples every slot
 that produced logits with that request's own sampler chain. New requests join between steps.
-Events go to the event loop with one `call_soon_threadsafe` per step (not per token) into one
-asyncio.Queue per request.
+
+Events go to the event loop with one `call_soon_threadsafe` per hand-over into one asyncio.Queue
+per request. A stream's text is held for up to `stream_interval_ms` and handed over as one
+event: on two cores every loop wake-up, SSE write and client read per token is CPU taken from
+llama.cpp's threads, which wait on each other at every operation (measured: 0.5 ms of loop
+time and 0.4 ms of client time per token against 17 ms per token of decoding). A request's
+first text, its end and errors are handed over at once, so time to first token is unchanged,
+and a stream slower than the interval gets every token as it comes.
 
 The prefix cache is the KV itself: a slot keeps the tokens of its last request; a new request
 goes to the slot last used by its `cache_key`, else to the idle slot sharing the longest token
@@ -43,8 +49,12 @@ class Request:
         "cache_key",
         "cancelled",
         "deliver",
+        "delivered",
+        "dirty",
         "finished",
         "generating",
+        "held",
+        "held_token",
         "last_token",
         "n_cached",
         "n_decoded",
@@ -74,6 +84,10 @@ class Request:
         self.deliver = deliver  # loop-side put_nowait of this request's queue
         self.cancelled = False  # set by the loop; read by the thread
         self.finished = False  # set by the thread once the final event is queued
+        self.held = ""  # text sampled but not yet handed over (thread only)
+        self.held_token = -1
+        self.dirty = False  # in the batcher's list of requests holding text
+        self.delivered = False  # something was handed over already
         self.stopper = StopMatcher(params.stop)
         self.utf8 = Utf8Stream()
         self.pos = 0  # next prompt index to decode
@@ -106,8 +120,12 @@ class Batcher:
     signals are for the event loop; `clear_cache` only once the thread has exited.
     """
 
-    def __init__(self, llama: LlamaContext, *, slots: int) -> None:
+    def __init__(self, llama: LlamaContext, *, slots: int, stream_interval_ms: int = 0) -> None:
         self._llama = llama
+        self._interval_s = stream_interval_ms / 1000.0
+        self._held: list[Request] = []  # requests holding text (thread only)
+        self._urgent = False  # something in the outbox must go now
+        self._last_flush = 0.0
         self.model_id = llama.model_id
         self.n_slots = slots
         self.slots = [Slot(i) for i in range(slots)]
@@ -182,19 +200,23 @@ class Batcher:
             if warmup:
                 self._llama.warmup()
             self.ready.set()
+            out: Outbox = []
             while not self.stopping:
                 self.wake.clear()
-                out: Outbox = []
                 self._reap_cancelled()
                 if self._incoming:
                     self._admit()
                 active = [s for s in slots if s.req is not None]
                 if not active:
+                    if out or self._held:
+                        self._flush(out)
+                        out = []
                     self.wake.wait(IDLE_WAIT_S)
                     continue
                 self._step(active, out)
-                if out:
-                    self._send(out)
+                if self._urgent or ((out or self._held) and time.perf_counter() - self._last_flush >= self._interval_s):
+                    self._flush(out)
+                    out = []
         except BaseException as err:
             log.exception("llm_thread_crashed", model=self.model_id)
             self._fail_all(InferenceError("inference thread crashed: " + str(err)))
@@ -202,6 +224,39 @@ class Batcher:
         finally:
             self.ready.set()
             self._fail_all(InferenceError("model " + self.model_id + " stopped"))
+
+    def _hold(self, req: Request, text: str, token: int) -> None:
+        """Keep a stream's text until the next hand-over (the first text goes at once)."""
+        req.held += text
+        req.held_token = token
+        if not req.dirty:
+            req.dirty = True
+            self._held.append(req)
+        if not req.delivered:
+            self._urgent = True
+
+    @staticmethod
+    def _take_held(req: Request) -> str:
+        """Return and clear what a request holds (its final event or error carries it)."""
+        text = req.held
+        req.held = ""
+        return text
+
+    def _flush(self, out: Outbox) -> None:
+        """Hand held text, then final events and errors, to the loop in one callback."""
+        items: Outbox = []
+        for req in self._held:
+            req.dirty = False
+            if req.held and not req.cancelled:
+                items.append((req, TokenEvent(req.held, req.held_token)))
+                req.delivered = True
+            req.held = ""
+        self._held.clear()
+        items.extend(out)
+        self._urgent = False
+        self._last_flush = time.perf_counter()
+        if items:
+            self._send(items)
 
     def _send(self, out: Outbox) -> None:
         loop = self.loop
@@ -230,8 +285,7 @@ class Batcher:
             self._llama.free_sampler(req.sampler)
             if not req.cancelled:
                 out.append((req, InferenceError(str(err))))
-        if out:
-            self._send(out)
+        self._flush(out)
 
     def _release(self, slot: Slot, req: Request) -> None:
         """Detach a finished/cancelled request from its slot; its KV stays as prefix cache."""
@@ -402,7 +456,7 @@ class Batcher:
                 self._finish(slot, req=req, reason=FINISH_LENGTH, text=text, now=now, out=out)
                 continue
             if text:
-                out.append((req, TokenEvent(text, tok)))
+                self._hold(req, text, tok)
 
     def _finish(
         self,
@@ -423,12 +477,13 @@ class Batcher:
             tail = flushed if hit else flushed + req.stopper.flush()
         prompt_ms, predicted_ms = self._account(req, now)
         self._release(slot, req)
+        self._urgent = True
         if not req.cancelled:
             out.append(
                 (
                     req,
                     TokenEvent(
-                        text + tail,
+                        self._take_held(req) + text + tail,
                         -1,
                         finish_reason=reason,
                         prompt_tokens=len(req.prompt),
@@ -468,6 +523,7 @@ class Batcher:
             self._account(req, time.perf_counter())
             self._release(slot, req)
             slot.cache_key = None
+            self._urgent = True
             if not req.cancelled:
                 out.append((req, InferenceError(str(err))))
 

@@ -301,6 +301,7 @@ class InferenceManager:
                 use_mmap=section.use_mmap,
                 use_mlock=section.use_mlock,
                 gpu_layers=section.gpu_layers,
+                stream_interval_ms=section.stream_interval_ms,
             ),
             keep_alive_s=section.keep_alive_s,
             memory_budget_mb=section.memory_budget_mb,

@@ -25,10 +25,13 @@ class EngineSettings:
     use_mlock: bool = False
     gpu_layers: int = 0
     warmup: bool = True  # one decode at start so the first request does not pay for lazy init
+    stream_interval_ms: int = 0  # hold a stream's tokens for up to this long and hand them over together
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValidationError("slots must be >= 1", param="slots")
+        if not 0 <= self.stream_interval_ms <= 1000:
+            raise ValidationError("stream_interval_ms must be between 0 and 1000", param="stream_interval_ms")
         if self.queue_depth < 0:
             raise ValidationError("queue_depth must be >= 0", param="queue_depth")
         if self.kv_cache_type not in KV_CACHE_TYPES:

@@ -72,6 +72,7 @@ class Keyring:
     def __init__(self, primary: bytes, secondaries: tuple[bytes, ...] = ()) -> None:
         self._primary = _check(primary)
         self._keys: dict[bytes, bytes] = {key_id(self._primary): self._primary}
+        self._primary_id = (self._primary, key_id(self._primary))  # sealing asks for it on every packet
         for key in secondaries:
             self._keys[key_id(_check(key))] = key
 
@@ -81,7 +82,11 @@ class Keyring:
 
     @property
     def primary_key_id(self) -> bytes:
-        return key_id(self._primary)
+        key, kid = self._primary_id
+        if key is not self._primary:
+            self._primary_id = (self._primary, key_id(self._primary))
+            kid = self._primary_id[1]
+        return kid
 
     def keys(self) -> list[bytes]:
         """Return all keys, primary first."""

@@ -25,6 +25,7 @@ DEFAULT_EXPECTED_TOKENS: Final = 128
 TIE_MARGIN: Final = 0.15  # relative: local wins unless a peer is > 15 % faster
 THROTTLED_FACTOR: Final = 1.5  # a thermally throttled node is slower than its EWMA says
 LOAD_PENALTY_TOKENS: Final = 64  # a model not yet loaded costs about this many tokens of time
+STATE_LAG_S: Final = 0.25  # a forward this close before a peer's state arrived may not be in it yet
 
 TIER_LOADED: Final = 0
 TIER_AVAILABLE: Final = 1
@@ -67,9 +68,17 @@ def tier_of(node: NodeLoad, model: str) -> int:
     return TIER_MISSING
 
 
-def expected_completion_s(node: NodeLoad, *, expected_tokens: int, model: str) -> float:
-    """Return the expected seconds until this node finishes the request (pure)."""
-    tps = node.tokens_per_s if node.tokens_per_s > 0 and math.isfinite(node.tokens_per_s) else DEFAULT_TOKENS_PER_S
+def measured(tokens_per_s: float) -> bool:
+    """Whether a node has measured its decode rate yet (pure)."""
+    return tokens_per_s > 0 and math.isfinite(tokens_per_s)
+
+
+def expected_completion_s(node: NodeLoad, *, expected_tokens: int, model: str, unknown_tokens_per_s: float = DEFAULT_TOKENS_PER_S) -> float:
+    """Return the expected seconds until this node finishes the request (pure).
+
+    A node that has not measured itself yet counts at `unknown_tokens_per_s`.
+    """
+    tps = node.tokens_per_s if measured(node.tokens_per_s) else unknown_tokens_per_s
     per_token_s = 1.0 / tps
     ahead = node.queue_depth + node.busy_slots + node.pending
     factor = 1.0 + ahead / max(1, node.slots_total)
@@ -96,7 +105,11 @@ def rank(
 
     Peers that lack the model, cannot be reached, have an open breaker or are excluded (the
     node that forwarded the request to us) are left out. At the hop limit only this node remains.
+    A peer that has not measured its decode rate yet (it never generated) is assumed as fast as
+    this node: with a fixed low prior, an idle new peer would never get the request that lets it
+    measure itself, and a busy node would queue (then refuse) work the mesh could run.
     """
+    prior = local.tokens_per_s if measured(local.tokens_per_s) else DEFAULT_TOKENS_PER_S
     me = Ranked(local, tier_of(local, model), expected_completion_s(local, expected_tokens=expected_tokens, model=model))
     if hops >= hop_limit:
         return [me]
@@ -108,7 +121,7 @@ def rank(
         t = tier_of(p, model)
         if t == TIER_MISSING or not breaker_available(p.node_id):
             continue
-        others.append(Ranked(p, t, expected_completion_s(p, expected_tokens=expected_tokens, model=model)))
+        others.append(Ranked(p, t, expected_completion_s(p, expected_tokens=expected_tokens, model=model, unknown_tokens_per_s=prior)))
     others.sort(key=lambda r: (r.tier, r.expected_s, r.node.node_id))
     if not others:
         return [me]
@@ -119,6 +132,17 @@ def rank(
     ahead = [r for r in others if (r.tier, r.expected_s) < (me.tier, me.expected_s / (1.0 + tie_margin))]
     behind = [r for r in others if r not in ahead]
     return [*ahead, me, *behind]
+
+
+def unseen_forwards(started_at: Iterable[float], *, state_at: float, lag_s: float = STATE_LAG_S) -> int:
+    """Count forwards in flight that the peer's gossiped state (received at `state_at`) cannot show yet (pure).
+
+    A forward started before the state was published is in its busy slots or queue already:
+    counting it again as pending made a peer look up to twice as loaded as it was, so the
+    mesh kept work on the entry node (and refused it there) while peers idled. Forwards started
+    up to `lag_s` before the state arrived still count: the request and the state cross on the wire.
+    """
+    return sum(1 for t in started_at if t > state_at - lag_s)
 
 
 def expected_tokens_of(body: Mapping[str, Any], default: int = DEFAULT_EXPECTED_TOKENS) -> int:

@@ -31,14 +31,14 @@ from mongarsd.errors import AuthError, ConfigError, MeshError, WireError
 from mongarsd.mesh import const
 from mongarsd.mesh.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from mongarsd.mesh.forward import H_SIG, RequestVerifier, VerifiedPeer, sign_headers
-from mongarsd.mesh.gossip import PRESETS, GossipNode, MemberView
+from mongarsd.mesh.gossip import GossipNode, MemberView, select_timing
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.interfaces import async_select_host_interfaces
 from mongarsd.mesh.keyring import Keyring, async_watch_keyring, key_id
 from mongarsd.mesh.local import LocalInference, LocalStats, fit_state, read_temperature
 from mongarsd.mesh.membership import EventKind
 from mongarsd.mesh.peers import PeerStore, StaticPeer, url_host_port
-from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank
+from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank, unseen_forwards
 from mongarsd.mesh.transport import UdpTcpTransport, free_port
 from mongarsd.mesh.wire import Addr
 from mongarsd.supervisor import TaskSupervisor
@@ -129,7 +129,7 @@ class MeshService:
         self._local = LocalStats(llm, int(config.inference.slots))
         # Shared with the gossip node and discovery we build; each cancels only its own tasks on stop.
         self._tasks = tasks if tasks is not None else TaskSupervisor()
-        self._pending: Counter[str] = Counter()
+        self._pending: dict[str, list[float]] = {}  # peer -> wall-clock starts of forwards in flight
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
         self.counters: Counter[str] = Counter()
         self.forward_failures: Counter[str] = Counter()
@@ -276,7 +276,7 @@ class MeshService:
     def plan(self, *, model: str, hops: int = 0, exclude: Iterable[str] = (), expected_tokens: int = 128) -> list[NodeLoad]:
         """Return the nodes to try for a request, best first (this node always included)."""
         peers = [
-            load_from_state(m.node_id, m.meta, pending=self._pending[m.node_id])
+            load_from_state(m.node_id, m.meta, pending=unseen_forwards(self._pending.get(m.node_id, ()), state_at=m.updated_at))
             for m in self.members()
             if m.state == "alive" and m.node_id != self.node_id
         ]
@@ -325,13 +325,18 @@ class MeshService:
     @contextlib.contextmanager
     def track_forward(self, node_id: str) -> Iterator[None]:
         """Count a request in flight to a peer, so the scheduler sees its load before gossip does."""
-        self._pending[node_id] += 1
+        # wall clock, as MemberView.updated_at (when we received the peer's current state)
+        started = time.time()
+        self._pending.setdefault(node_id, []).append(started)
         try:
             yield
         finally:
-            self._pending[node_id] -= 1
-            if self._pending[node_id] <= 0:
-                del self._pending[node_id]
+            starts = self._pending.get(node_id)
+            if starts is not None:
+                with contextlib.suppress(ValueError):
+                    starts.remove(started)
+                if not starts:
+                    del self._pending[node_id]
 
     # --- messages -----------------------------------------------------------------------------
 
@@ -378,9 +383,7 @@ class MeshService:
                 f"`mongarsd keys install KEY --state-dir DIR`"
             )
         self.keyring = await asyncio.to_thread(Keyring.load, path)
-        timing = PRESETS.get(str(mcfg.timing))
-        if timing is None:
-            raise ConfigError(f"mesh.timing must be one of {sorted(PRESETS)}, not {mcfg.timing!r}")
+        timing = select_timing(str(mcfg.timing))
         selection = await async_select_host_interfaces(tuple(mcfg.interfaces), skip_virtual=bool(mcfg.skip_virtual_interfaces))
         addrs = [a for i in selection.chosen for a in i.addresses("v4")]
         advertise_ip = str(mcfg.advertise_host) or (addrs[0] if addrs else "127.0.0.1")

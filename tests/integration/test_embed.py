@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import structlog
 from tokenizers import Tokenizer
 
 from mongarsd.errors import EmbedderUnavailableError, ValidationError
@@ -33,6 +34,38 @@ SENTENCES = [
     "Why is the sky blue?",
     "The quick brown fox jumps over the lazy dog, then runs into the forest to hide from the hunters.",
 ]
+
+# The int8 model's quality gate: short, long, code, numbers, other scripts, emoji, special tokens.
+VARIED = [
+    "hi",
+    "no",
+    "Sure.",
+    "OK",
+    "?",
+    "42",
+    "3.14159",
+    "2024-11-30T08:50:57Z",
+    "A man is eating food.",
+    "The stock market fell sharply after the announcement.",
+    "Quantum chromodynamics describes the strong interaction between quarks and gluons.",
+    "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;",
+    "Le chat dort sur le canapé pendant que la pluie tombe.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "東京は日本の首都です。",
+    "Москва — столица России.",
+    "مرحبا بالعالم",
+    "I love this!!! 😍😍😍",
+    "lol idk tbh, ttyl",
+    "https://example.com/path?q=1&r=2",
+    "Remind me to buy milk tomorrow morning, and also eggs if they are on sale.",
+    "ERROR 2024-01-01 kernel: Out of memory: Killed process 1234 (python)",
+    "The patient was prescribed 5 mg of amlodipine once daily for hypertension.",
+    " ".join(["The history of the valley and the people who built the first bridge is long."] * 12),
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "[CLS] [SEP] [PAD] [UNK] [MASK]",
+]
+INT8_MIN_COSINE = 0.98
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +138,26 @@ def test_int8_onnx_is_close_to_reference(model_dir: Path, reference: np.ndarray[
     sims = got @ got.T
     assert sims[0, 1] > sims[0, 2]
     assert sims[0, 1] > sims[0, 3]
+
+
+def test_int8_model_is_close_to_fp32_model_on_varied_texts(model_dir: Path) -> None:
+    fp32 = _onnx_embed(model_dir / "model.onnx", model_dir, VARIED)
+    int8 = _onnx_embed(model_dir / "model.int8.onnx", model_dir, VARIED)
+    cos = (fp32 * int8).sum(axis=1)
+    worst = int(cos.argmin())
+    assert cos.min() >= INT8_MIN_COSINE, f"{VARIED[worst]!r}: {cos[worst]:.4f}"
+
+
+def test_int8_model_stores_the_word_table_in_int8(model_dir: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.int8.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["embeddings.word_embeddings.weight_int8"].data_type == onnx.TensorProto.INT8
+    big_fp32 = [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1_000_000]
+    assert big_fp32 == [], big_fp32  # 47 MB as fp32 before; the largest fp32 tensor left is 0.6 M weights
+    assert (model_dir / "model.int8.onnx").stat().st_size < 30_000_000  # was 60 MB with the fp32 table
+    assert oc.model_convert_version({p.key: p.value for p in model.metadata_props}) == oc.CONVERT_VERSION
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
@@ -260,6 +313,37 @@ async def test_corrupt_model_file_is_unavailable(broken_dir: Path) -> None:
             await emb.async_embed(["hello"])
     finally:
         await emb.async_stop()
+
+
+async def test_model_from_an_older_converter_loads_with_a_warning(model_dir: Path, broken_dir: Path) -> None:
+    import onnx
+
+    def write_old() -> None:
+        model = onnx.load(str(model_dir / "model.int8.onnx"))
+        del model.metadata_props[:]  # what CONVERT_VERSION <= 2 wrote
+        onnx.save_model(model, str(broken_dir / "model.int8.onnx"))
+
+    await asyncio.to_thread(write_old)
+    emb = Embedder(model_dir=broken_dir)
+    with structlog.testing.capture_logs() as logs:
+        await emb.async_start()
+    try:
+        assert emb.loaded
+        assert (await emb.async_embed(["hello"])).shape == (1, 384)
+    finally:
+        await emb.async_stop()
+    outdated = [e for e in logs if e["event"] == "embed_model_outdated"]
+    assert outdated
+    assert outdated[0]["convert_version"] is None
+    assert outdated[0]["current"] == oc.CONVERT_VERSION
+
+
+async def test_current_model_loads_without_warning(model_dir: Path) -> None:
+    emb = Embedder(model_dir=model_dir)
+    with structlog.testing.capture_logs() as logs:
+        await emb.async_start()
+    await emb.async_stop()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == []
 
 
 async def test_missing_variant_file_is_unavailable(broken_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -293,3 +294,28 @@ async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None
     assert events[-1].finish_reason == "stop"
     assert "".join(ev.text for ev in events) == "🐱 café 🐶"
     assert all("\ufffd" not in ev.text for ev in events)
+
+
+async def test_stream_interval_hands_tokens_over_together_without_losing_any(engine: LlamaEngine) -> None:
+    """A held stream gets its first token at once, later ones in groups, and the same text."""
+    tokens = story(engine)
+    params = GenerationParams(max_tokens=48, temperature=0)
+    per_token: list[TokenEvent] = [ev async for ev in engine.async_generate(tokens, params)]
+    held_engine = make_engine(slots=1, stream_interval_ms=200)
+    await held_engine.async_start()
+    try:
+        arrivals: list[tuple[float, TokenEvent]] = []
+        t0 = time.perf_counter()
+        async for ev in held_engine.async_generate(tokens, params):
+            arrivals.append((time.perf_counter() - t0, ev))
+    finally:
+        await held_engine.async_stop()
+    held = [ev for _, ev in arrivals]
+    assert "".join(ev.text for ev in held) == "".join(ev.text for ev in per_token)
+    assert held[-1].final and held[-1].completion_tokens == per_token[-1].completion_tokens == 48
+    # interval 0: one event per token; 200 ms: far fewer, the first holding a single token
+    assert len(per_token) >= 40
+    assert len(held) < len(per_token) / 2
+    assert held[0].text == per_token[0].text
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(arrivals[:-1])]
+    assert all(g >= 0.1 for g in gaps), gaps  # later hand-overs are spaced by the interval

@@ -441,6 +441,34 @@ async def test_peer_down_before_first_byte_fails_over_locally_and_opens_breaker(
     assert [n.node_id for n in a.mesh.plan(model=M)] == [a.mesh.node_id]
 
 
+async def test_peer_killed_holding_a_forward_is_retried_here_at_once(trio: list[Node]) -> None:
+    """A peer SIGKILLed while it holds a non-streamed forward: the kernel closes its socket, the
+    forward fails at once (no FORWARD_READ_TIMEOUT_S wait) and the request runs on the next node."""
+    a, b, _ = trio
+    port = int(b.url.rsplit(":", 1)[1])
+    await b.runner.cleanup()
+    got = asyncio.Event()
+
+    async def crash_after_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the forward arrived: B queues it ...
+        got.set()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()  # ... then dies: what the kernel does to a killed process's sockets
+
+    server = await asyncio.start_server(crash_after_reading, "127.0.0.1", port)
+    try:
+        t0 = time.monotonic()
+        status, headers, doc = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS})
+        elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert got.is_set()
+    assert status == 200 and headers[H_SERVED_BY] == a.mesh.node_id and doc["node"] == a.mesh.node_id
+    assert elapsed < 5.0
+    assert sum(a.mesh.forward_failures.values()) == 1
+
+
 async def test_hop_limit_and_sender_exclusion(trio: list[Node]) -> None:
     a, b, _ = trio
     assert a.mesh.plan(model=M, hops=2)[0].node_id == a.mesh.node_id

@@ -35,9 +35,11 @@ REQUIRED_KEYS = {"value", "reference", "ratio", "target", "unit", "machine"}
 
 
 def test_every_design_target_has_a_spec() -> None:
-    assert tuple(f"P{i}" for i in range(1, 13)) == TARGET_IDS
+    assert tuple(f"P{i}" for i in range(1, 17)) == TARGET_IDS  # DESIGN §9: P1-P16
     assert set(TARGETS) == set(TARGET_IDS)
-    assert target_text("P1") == "ratio >= 0.95"
+    assert target_text("P1") == "ratio >= 0.95; vs_llama_server >= 1"
+    assert target_text("P4") == "ratio >= 0.95; defaults_ratio >= 0.95"
+    assert target_text("P13") == "ratio >= 0.8"
     assert target_text("P3") == "delta_ms <= 10"
     assert target_text("P8") == "value <= 80; loaded_rss_mb <= 300"
 
@@ -121,14 +123,17 @@ def test_finalize_shape_for_every_id(tmp_path: Path) -> None:
 
 def test_format_table_lists_every_id_and_status() -> None:
     out = finalize(
-        {"P1": make_entry("P1", value=90.0, reference=87.0), "P6": make_entry("P6", value=100.0, reference=110.0, int8_speedup=1.2)},
+        {
+            "P1": make_entry("P1", value=90.0, reference=87.0, vs_llama_server=1.05),
+            "P6": make_entry("P6", value=100.0, reference=110.0, int8_speedup=1.2),
+        },
         machine="m",
         measured_at="t",
     )
     table = format_table(out)
     lines = table.splitlines()
     assert len(lines) == 2 + len(TARGET_IDS)
-    assert any(line.startswith("P1 ") and line.endswith("met") for line in lines)
+    assert any(line.startswith("P1 ") and line.endswith("met (vs_llama_server=1.05)") for line in lines)
     assert any(line.startswith("P6 ") and "MISSED" in line and "int8_speedup=1.2" in line for line in lines)
     assert any(line.startswith("P2 ") and "skipped" in line for line in lines)
 
@@ -143,7 +148,7 @@ def test_chart_rows_scale_to_threshold() -> None:
     assert rows["P12"] == (pytest.approx(0.5), True)
     assert rows["P8 value"] == (pytest.approx(0.75), True)
     assert rows["P8 loaded_rss_mb"] == (pytest.approx(1.1), False)
-    assert rows["P1"] == (None, None)
+    assert rows["P1 ratio"] == (None, None)
 
 
 def test_chart_p3_is_scaled_by_its_allowance() -> None:
@@ -214,5 +219,5 @@ def test_parse_llama_bench_json() -> None:
 def test_parse_only() -> None:
     assert parse_only(None) == set(TARGET_IDS)
     assert parse_only("p1, P6") == {"P1", "P6"}
-    with pytest.raises(SystemExit, match="P13"):
-        parse_only("P13")
+    with pytest.raises(SystemExit, match="P17"):
+        parse_only("P17")

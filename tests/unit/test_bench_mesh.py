@@ -170,3 +170,214 @@ def test_only_ids_are_read_from_bench_run_argv_only() -> None:
     assert only_from_bench_run(["/work/main/bench/run.py"]) is None
     assert only_from_bench_run(["-m", "--only", "P10"]) is None
     assert only_from_bench_run([]) is None
+
+
+# --------------------------------------------------------------------------- issue 11: P10 timing trade, P11
+
+
+def test_p10_entry_reports_the_previous_timing_and_the_simulation() -> None:
+    from bench.mesh import DEFAULT_TIMING, PREVIOUS_TIMING
+
+    head = {"n": 30, "ours": _run(30, 0.5, 4.4, 0.5), "serf": _run(30, 0.5, 9.0, 0.5), "previous": _run(30, 0.5, 7.9, 0.26)}
+    sim = {
+        "rows": [{"n": 100, "timing": "lan", "convergence_s": 0.5, "detect_s": 5.0, "bytes_per_node_kbps": 0.5, "wall_s": 9.0}],
+        "growth": {"lan": {"convergence_s": {"a": 0.1, "b_per_decade": 0.2, "r2": 0.9}, "detect_s": None}},
+        "table_text": "   N | timing ...",
+    }
+    e = build_p10_entry([head], serf_version="serf", serf_note=None, simulation=sim)
+    trade = e["details"]["timing_trade"]
+    assert trade["previous"]["preset"] == PREVIOUS_TIMING and trade["default"]["preset"] == DEFAULT_TIMING
+    assert trade["previous"]["failure_detect_s"] == 7.9 and trade["default"]["failure_detect_s"] == 4.4
+    assert trade["bandwidth_ratio"] == pytest.approx(0.5 / 0.26, abs=0.01)
+    assert e["previous_failure_detect_s"] == 7.9
+    assert e["details"]["table"][0]["previous_failure_detect_s"] == 7.9
+    assert e["details"]["simulation"] is sim
+    assert set(e["details"]["min_suspicion_s"]) == {DEFAULT_TIMING, PREVIOUS_TIMING}
+    text = format_p10_table(e)
+    assert "timing trade at N=30" in text and "memberlist" in text and "log10(N)" in text
+
+
+def test_p10_entry_without_previous_timing_has_no_trade() -> None:
+    e = build_p10_entry([{"n": 30, "ours": _run(30, 0.5, 4.4, 0.5)}], serf_version=None, serf_note="x")
+    assert e["details"]["timing_trade"] is None and e["details"]["simulation"] is None
+    assert "timing trade" not in format_p10_table(e)
+
+
+def test_lost_requests_counts_everything_but_answers_and_retried_refusals() -> None:
+    from bench.mesh import lost_requests
+
+    assert lost_requests({"statuses": {"200": 40, "429": 7, "503": 2}}) == 0
+    assert lost_requests({"statuses": {"200": 40, "502": 1, "ClientOSError": 2, "stream_cut": 1}}) == 4
+    assert lost_requests({}) == 0
+
+
+def test_forward_log_counting_and_phase_diff() -> None:
+    from bench.mesh import count_log_events, diff_counts, scheduler_choices
+
+    lines = [
+        '{"event": "mesh_forwarded", "peer": "b", "level": "info"}',
+        '{"event": "mesh_forwarded", "peer": "c", "level": "info"}',
+        '{"event": "mesh_forward_failed", "peer": "c", "level": "warning"}',
+        '{"event": "http_request", "level": "info"}',
+        "not json at all",
+    ]
+    before = count_log_events(lines[:1])
+    after = count_log_events(lines)
+    assert after["mesh_forwarded"] == 2 and after["forwarded_to"] == {"b": 1, "c": 1}
+    d = diff_counts(before, after)
+    assert d["mesh_forwarded"] == 1 and d["forwarded_to"] == {"c": 1} and d["mesh_forward_failed"] == 1
+    per = {"daemon0": d, "daemon1": {"mesh_forwarded": 3, "forwarded_to": {"c": 3}}, "daemon2": {"mesh_forwarded": 0}}
+    s = scheduler_choices(per)
+    assert s["forwarded_by_entry"] == 1 and s["forwarded_twice"] == 3 and s["forward_failures"] == 1
+    assert s["entry_forwarded_to"] == {"c": 1}
+
+
+def test_p11_entry_ratios_failover_and_budget_method() -> None:
+    from bench.mesh import build_p11_entry
+
+    def load(done: int, **statuses: int) -> dict[str, Any]:
+        return {"completed": done, "errors": 0, "elapsed_s": 30.0, "statuses": {"200": done, **statuses}, "scheduler": {"x": 1}}
+
+    phases = {
+        "single": load(30),
+        "single_stream": load(27),
+        "mesh": load(84),
+        "mesh_stream": load(81),
+        "failover": {**load(60, ClientOSError=1), "killed": {"node": "daemon2"}},
+    }
+    e = build_p11_entry(phases, budget_method="cgroup v1 cpu.cfs_quota_us=50000", cgroup_version=1, daemon_warnings={})
+    assert e["ratio"] == pytest.approx(2.8) and e["stream_ratio"] == pytest.approx(3.0)
+    assert e["failover_lost"] == 1 and e["details"]["failover"]["killed"] == {"node": "daemon2"}
+    assert "v1 CFS quota" in e["details"]["method"] and e["details"]["cgroup_version"] == 1
+    met, _ = evaluate(e, TARGETS["P11"].checks)
+    assert met is False  # one request lost in the failover run
+    lossless = build_p11_entry({**phases, "failover": load(60)}, budget_method="cpu.max", cgroup_version=2, daemon_warnings={})
+    assert lossless["failover_lost"] == 0 and isinstance(lossless["stream_ratio"], float)
+    met, _ = evaluate(lossless, TARGETS["P11"].checks)
+    assert met is True
+
+
+def test_latency_summary_and_a_client_timeout_above_the_saturated_queue_wait() -> None:
+    from bench.mesh import P11_REQUEST_TIMEOUT_S, P11_WAITING_PER_NODE, clients_for, latency_summary
+
+    assert latency_summary([]) == {"p50": None, "p95": None, "max": None}
+    assert latency_summary([3.0, 1.0, 2.0, 10.0]) == {"p50": 2.0, "p95": 10.0, "max": 10.0}
+    # 21 clients on the two nodes left after the kill, 4 slots each, ~0.2 requests/s per node
+    # (0.5 CPU): the mean wait is clients / throughput; a request retried from the dead node waits twice.
+    mean_wait_s = clients_for(3, 4) / (2 * 0.2)
+    assert clients_for(3, 4) == 3 * (4 + P11_WAITING_PER_NODE)
+    assert 3 * mean_wait_s * 0.9 <= P11_REQUEST_TIMEOUT_S <= 600
+
+
+# --------------------------------------------------------------------------- bench/cgroup.py
+
+
+def test_quota_files_for_both_cgroup_versions() -> None:
+    from bench.cgroup import quota_files
+
+    assert quota_files(0.5, version=2) == {"cpu.max": "50000 100000"}
+    v1 = quota_files(0.5, version=1)
+    assert list(v1) == ["cpu.cfs_period_us", "cpu.cfs_quota_us"]  # the period first
+    assert v1 == {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "50000"}
+    assert quota_files(1.5, version=2, period_us=200_000) == {"cpu.max": "300000 200000"}
+    assert quota_files(0.001, version=1)["cpu.cfs_quota_us"] == "1000"  # the kernel's 1 ms floor
+    with pytest.raises(ValueError):
+        quota_files(0.0, version=2)
+    with pytest.raises(ValueError):
+        quota_files(0.5, version=3)
+
+
+def test_parse_cpu_stat() -> None:
+    from bench.cgroup import parse_cpu_stat
+
+    text = "nr_periods 20\nnr_throttled 18\nthrottled_time 644536342\nbogus line here\nusage_usec x\n"
+    assert parse_cpu_stat(text) == {"nr_periods": 20, "nr_throttled": 18, "throttled_time": 644536342}
+
+
+def test_find_controller_prefers_v2_with_cpu_then_v1(tmp_path: Any) -> None:
+    from bench.cgroup import Controller, find_controller
+
+    assert find_controller(tmp_path) is None
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("memory pids\n")  # hybrid v2 without cpu
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert find_controller(tmp_path) == Controller(1, tmp_path / "cpu")
+    (tmp_path / "unified" / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "unified" / "cgroup.subtree_control").write_text("")
+    assert find_controller(tmp_path) == Controller(2, tmp_path / "unified")
+    assert (tmp_path / "unified" / "cgroup.subtree_control").read_text() == "+cpu"
+
+
+def test_cpu_budget_writes_its_quota_and_empties_into_the_parent(tmp_path: Any) -> None:
+    from bench.cgroup import Controller, CpuBudget
+
+    (tmp_path / "cgroup.procs").write_text("")
+    budget = CpuBudget("t", cpus=0.5, controller=Controller(1, tmp_path))
+    with budget:
+        assert (budget.path / "cpu.cfs_quota_us").read_text() == "50000"
+        budget.add(4242)
+        assert budget.pids() == [4242]
+        assert "v1" in budget.method and "50000" in budget.method
+    # a real cgroupfs would now rmdir the group; here the pid went back to the parent
+    assert (tmp_path / "cgroup.procs").read_text() == "4242"
+
+
+# --------------------------------------------------------------------------- bench/mesh_sim.py (pure parts)
+
+
+def test_log_fit_recovers_a_log10_law() -> None:
+    from bench.mesh_sim import log_fit
+
+    pts = [(n, 1.0 + 2.0 * math.log10(n)) for n in (30, 100, 200)]
+    fit = log_fit(pts)
+    assert fit is not None
+    assert fit["a"] == pytest.approx(1.0) and fit["b_per_decade"] == pytest.approx(2.0) and fit["r2"] == pytest.approx(1.0)
+    assert log_fit([(100, 1.0), (100, 2.0)]) is None  # one distinct N: no slope
+    assert log_fit([(10, 3.0), (100, 3.0)]) == {"a": 3.0, "b_per_decade": 0.0, "r2": 1.0}
+
+
+def test_gossip_rounds_and_expected_figures_grow_with_log_n() -> None:
+    from bench.mesh_sim import expected_figures, gossip_rounds
+
+    assert gossip_rounds(1, 3) == 0 and gossip_rounds(4, 3) == 1 and gossip_rounds(5, 3) == 2 and gossip_rounds(200, 3) == 4
+    small = expected_figures(n=10, probe_interval_s=0.5, suspicion_mult=4, gossip_interval_s=0.2, gossip_nodes=3)
+    big = expected_figures(n=100, probe_interval_s=0.5, suspicion_mult=4, gossip_interval_s=0.2, gossip_nodes=3)
+    assert small["suspicion_floor_s"] == pytest.approx(2.0) and big["suspicion_floor_s"] == pytest.approx(4.0)
+    assert big["detect_s"] - small["detect_s"] == pytest.approx(2.0)  # one decade: + mult x interval
+    assert big["convergence_s"] > small["convergence_s"]
+
+
+def test_sim_median_growth_summary_and_table() -> None:
+    from bench.mesh_sim import format_table, growth_summary, median
+
+    assert median([]) is None and median([3.0, 1.0, 2.0]) == 2.0 and median([1.0, 2.0]) == 1.5
+    rows = [
+        {"n": n, "timing": "lan", "convergence_s": 0.1 * math.log10(n), "detect_s": 2.0 * math.log10(n), "bytes_per_node_kbps": 0.5}
+        for n in (30, 100, 200)
+    ]
+    g = growth_summary(rows)
+    assert g["lan"]["detect_s"]["b_per_decade"] == pytest.approx(2.0)
+    assert g["lan"]["convergence_s"]["b_per_decade"] == pytest.approx(0.1)
+    text = format_table(rows)
+    assert " 200 | lan" in text and text.count("\n") == 3
+
+
+def test_p11_clients_scale_with_nodes_and_engine_slots() -> None:
+    from bench.mesh import P11_WAITING_PER_NODE, clients_for, engine_slots
+
+    assert clients_for(1, 1) == 1 + P11_WAITING_PER_NODE
+    assert clients_for(3, 1) == 3 * clients_for(1, 1)
+    assert clients_for(3, 4) == 3 * (4 + P11_WAITING_PER_NODE)
+    assert clients_for(0, 0) == clients_for(1, 1)
+    lines = ['{"event": "daemon_starting"}', "garbage", '{"model": "m", "slots": 2, "threads": 1, "event": "llm_started"}']
+    assert engine_slots(lines) == 2
+    assert engine_slots(lines[:2]) is None
+
+
+def test_throughput_summary_also_compares_decoded_tokens() -> None:
+    one = {"completed": 13, "tokens": 13 * 48, "elapsed_s": 30.0}
+    three = {"completed": 40, "tokens": 40 * 48, "elapsed_s": 30.0}
+    s = throughput_summary(one, three)
+    assert s["tokens_ratio"] == pytest.approx(40 / 13) and s["mesh_tokens_per_s"] == pytest.approx(64.0)
+    assert throughput_summary({"completed": 3, "elapsed_s": 30.0}, three)["tokens_ratio"] is None

@@ -136,3 +136,49 @@ def test_reference_gelu_is_exact_erf_gelu() -> None:
 
     expected = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()]
     np.testing.assert_allclose(oc._gelu_erf(x), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_quantize_rows_round_trip_is_within_half_a_step() -> None:
+    rng = np.random.default_rng(3)
+    table = rng.normal(0, 0.1, size=(40, 16)).astype(np.float32)
+    table[5] = 0.0  # an all-zero row must not divide by zero
+    table[7, 3] = 4.0  # one outlier only coarsens its own row
+    q, scale = oc.quantize_rows(table)
+    assert q.dtype == np.int8
+    assert scale.shape == (40, 1)
+    assert scale.dtype == np.float32
+    assert int(np.abs(q.astype(np.int16)).max()) <= 127
+    back = oc.dequantize_rows(q, scale)
+    assert np.all(np.abs(back - table) <= scale / 2 + 1e-7)
+    np.testing.assert_array_equal(back[5], 0.0)
+    others = np.delete(np.arange(40), [7])
+    assert float(np.abs(back[others] - table[others]).max()) < 0.1 * 4 / 254  # unaffected by row 7's outlier
+
+
+def test_int8_word_table_graph_computes_the_dequantized_table() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg, seed=2)
+    model = oc.build_onnx_model(w, cfg, int8_word_table=True)
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert "embeddings.word_embeddings.weight" not in inits
+    assert inits["embeddings.word_embeddings.weight_int8"].data_type == onnx.TensorProto.INT8
+    ids = np.array([[1, 7, 9, 3, 2], [1, 49, 2, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+    types = np.zeros_like(ids)
+    hidden, sent = _session(model).run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    dq = dict(w)
+    dq["embeddings.word_embeddings.weight"] = oc.dequantize_rows(*oc.quantize_rows(w["embeddings.word_embeddings.weight"]))
+    ref_hidden, ref_sent = oc.reference_forward(dq, cfg, ids, mask, types)
+    np.testing.assert_allclose(hidden, ref_hidden, atol=2e-4)
+    np.testing.assert_allclose(sent, ref_sent, atol=2e-5)
+
+
+def test_model_records_the_converter_version() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    model = oc.build_onnx_model(_random_weights(cfg), cfg)
+    meta = _session(model).get_modelmeta().custom_metadata_map
+    assert oc.model_convert_version(meta) == oc.CONVERT_VERSION
+    assert oc.model_convert_version({}) is None  # a file from an older recipe, or not ours
