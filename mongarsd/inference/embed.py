@@ -22,6 +22,7 @@ import numpy.typing as npt
 import structlog
 
 from mongarsd.errors import EmbedderUnavailableError, ValidationError
+from mongarsd.inference.onnx_convert import CONVERT_VERSION, model_convert_version
 
 log = structlog.get_logger("mongarsd.embed")
 
@@ -381,10 +382,15 @@ class Embedder:
         self._providers_used = list(session.get_providers())
         self._last_error = None
         self._stats["loads"] += 1
+        version = model_convert_version(session.get_modelmeta().custom_metadata_map)
+        if version != CONVERT_VERSION:
+            # an install from before the last converter change: it works, but not as measured
+            log.warning("embed_model_outdated", path=str(path), convert_version=version, current=CONVERT_VERSION, hint=INSTALL_HINT)
         log.info(
             "embed_loaded",
             model=MODEL_ID,
             variant=self.variant,
+            convert_version=version,
             path=str(path),
             providers=self._providers_used,
             requested=list(self.requested_providers),
