@@ -10,7 +10,11 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
 STAMP := $(VENV)/.installed
 MODELS_STAMP := $(MODELS)/.installed
 
-.PHONY: install run test test-fast fuzz check bench native clean distclean test-deps
+ARCH ?= $(shell uname -m | sed -e 's/aarch64/arm64/' -e 's/amd64/x86_64/')
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' mongarsd/__init__.py)
+DEB_ARCH = $(if $(filter arm64,$(ARCH)),arm64,amd64)
+
+.PHONY: install run test test-fast test-dist fuzz check bench native native-libs dist deb clean distclean test-deps
 
 install: $(STAMP) $(MODELS_STAMP)
 
@@ -45,12 +49,30 @@ test-fast: install
 	$(PY) -m pytest -q tests/unit
 
 check: $(STAMP)
-	$(VENV)/bin/ruff check mongarsd tests bench
-	$(VENV)/bin/ruff format --check mongarsd tests bench
+	$(VENV)/bin/ruff check mongarsd tests bench packaging
+	$(VENV)/bin/ruff format --check mongarsd tests bench packaging
 	$(VENV)/bin/mypy
 
 native: $(STAMP)
 	$(MAKE) -C native PYTHON=$(abspath $(PY))
+
+# Portable llama.cpp libraries for distribution (never -march=native): native/libs/<arch>/<variant>.
+native-libs: $(STAMP)
+	native/build-lib.sh $(ARCH) $(if $(filter arm64,$(ARCH)),armv8-a,x86-64-v2)
+	native/build-lib.sh $(ARCH) $(if $(filter arm64,$(ARCH)),armv8.2-a+dotprod,x86-64-v3)
+
+# One executable per architecture (dist/mongarsd-<version>-linux-<arch>) and its folder build
+# (build/dist/<arch>/mongarsd); ARCH=x86_64|arm64. Needs root (it builds in a chroot).
+dist: $(STAMP)
+	packaging/dist/build.sh $(ARCH)
+
+# The Debian package of that folder build: dist/mongarsd_<version>_<deb arch>.deb.
+deb: dist
+	packaging/deb/build-deb.sh --arch $(DEB_ARCH) --version $(VERSION) --bundle build/dist/$(ARCH)/mongarsd --out dist
+
+# The arm64 build and its smoke test under qemu-user (the x86-64 ones run in make test).
+test-dist: install test-deps
+	MONGARSD_TEST_DIST_ARM64=1 $(PY) -m pytest -q -m dist_arm64 tests/packaging
 
 # P7's reference: sqlite-vec loaded into the system python3 (the venv's python may lack extension loading).
 SQLITE_VEC := .cache/sqlite-vec/sqlite_vec
@@ -66,4 +88,4 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(MODELS) .cache native/build native/src native/bin
+	rm -rf $(VENV) $(MODELS) .cache native/build native/src native/bin native/libs

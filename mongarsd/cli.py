@@ -1,4 +1,4 @@
-"""Command line: `mongarsd run|config|token|model|keys|peers|chat|version`; returns exit codes."""
+"""Command line: `mongarsd run|init|config|token|model|keys|peers|chat|version`; returns exit codes."""
 
 from __future__ import annotations
 
@@ -34,23 +34,55 @@ def cmd_run(args: argparse.Namespace) -> int:
         limit_malloc_arenas()
     loaded, board = load_from_args(args)
     configure_logging(loaded.config.log.format, loaded.config.log.level)
+    _activate_llama_build(loaded.config.inference.cpu_variant)
     daemon = Daemon(loaded=loaded, board=board, reload_config=lambda: load_from_args(args)[0])
     return asyncio.run(daemon.async_run())
 
 
+def _activate_llama_build(requested: str) -> None:
+    """Point llama-cpp-python at the llama.cpp build this CPU and profile call for; log it."""
+    import structlog
+
+    from mongarsd.inference import libvariant
+
+    choice = libvariant.choose(requested)
+    libvariant.activate(choice)
+    structlog.get_logger("mongarsd").info("llama_library", variant=choice.variant, path=str(choice.path or ""), reason=choice.reason)
+
+
+def _llama_build_row(requested: str) -> dict[str, str]:
+    from mongarsd.inference import libvariant
+
+    try:
+        choice = libvariant.choose(requested)
+    except ConfigError as err:
+        return {"variant": "", "path": "", "reason": "", "error": str(err)}
+    return {"variant": choice.variant, "path": str(choice.path or ""), "reason": choice.reason}
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     loaded, board = load_from_args(args)
+    llama = _llama_build_row(loaded.config.inference.cpu_variant)
     rows = [(key, str(value) if isinstance(value, Path) else value, source) for key, value, source in loaded.rows()]
     if args.json:
         print(
             json.dumps(
-                {"profile": loaded.profile, "board": board.model, "values": {k: {"value": v, "source": s} for k, v, s in rows}},
+                {
+                    "profile": loaded.profile,
+                    "board": board.model,
+                    "llama_library": llama,
+                    "values": {k: {"value": v, "source": s} for k, v, s in rows},
+                },
                 indent=2,
                 default=str,
             )
         )
         return EXIT_OK
     print(f"# board: {board.model} -> profile {loaded.profile}")
+    if "error" in llama:
+        print(f"# llama.cpp library: cannot load: {llama['error']}")
+    else:
+        print(f"# llama.cpp library: {llama['variant']} ({llama['path'] or 'llama-cpp-python build'}): {llama['reason']}")
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:
         shown = json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value) if isinstance(value, (bool, str)) else value
@@ -159,12 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _domain_registrars() -> list[Callable[..., None]]:
-    """Subcommands owned by domain packages (models, keys, peers, chat)."""
-    from mongarsd import chat_client
+    """Subcommands owned by domain packages (init, models, keys, peers, chat)."""
+    from mongarsd import chat_client, firstboot
     from mongarsd.inference import cli as model_cli
     from mongarsd.mesh import cli as mesh_cli
 
-    registrars: list[Callable[..., None]] = [chat_client.register, model_cli.register, mesh_cli.register]
+    registrars: list[Callable[..., None]] = [
+        firstboot.register,
+        chat_client.register,
+        model_cli.register,
+        mesh_cli.register,
+    ]
     return registrars
 
 

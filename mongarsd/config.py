@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from mongarsd.const import DEFAULT_CONFIG_PATH, DEFAULT_GOSSIP_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, ENV_PREFIX
+from mongarsd.const import DEFAULT_CONFIG_PATH, DEFAULT_GOSSIP_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, ENV_PREFIX, NON_CONFIG_ENV
 from mongarsd.errors import ConfigError
 from mongarsd.inference.kv_cache import KV_CACHE_TYPES
+from mongarsd.inference.libvariant import CHOICES as CPU_VARIANT_CHOICES
 
 PROFILE_NAMES = ("pi4", "pi5", "jetson-orin-nano", "jetson-agx-orin", "x86-i7", "generic")
 
@@ -84,6 +85,9 @@ class InferenceConfig:
     preload: bool = True
     max_prompt_chars: int = 200_000
     stream_interval_ms: int = 50
+    # Which llama.cpp build a distributed install loads (inference/libvariant.py): auto, native
+    # or a variant name; a developer's venv always loads its own native build.
+    cpu_variant: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "inference.slots": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "inference.queue_depth": _non_negative,
     "inference.kv_cache_type": _choice(*KV_CACHE_TYPES),
+    "inference.cpu_variant": _choice(*CPU_VARIANT_CHOICES),
     "inference.gpu_layers": lambda v: None if v >= -1 else "must be >= -1 (-1 = all)",
     "inference.keep_alive_s": lambda v: None if v >= -1 else "must be >= -1 (-1 = forever)",
     "inference.memory_budget_mb": _non_negative,
@@ -346,7 +351,7 @@ def env_layer(env: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], dict[s
     layer: dict[str, dict[str, str]] = {}
     names: dict[str, str] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in ("MONGARSD_CONFIG", "MONGARSD_PROFILES_DIR"):
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV or name.startswith(ENV_PREFIX + "TEST_"):
             continue
         rest = name[len(ENV_PREFIX) :]
         if "__" not in rest:

@@ -13,6 +13,19 @@ EXIT_FAILURE: Final = 1
 EXIT_CONFIG: Final = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatus
 
 ENV_PREFIX: Final = "MONGARSD_"
+# MONGARSD_* variables that are not configuration keys (read by the CLI, the client, the
+# llama.cpp library chooser and the single executable's stub).
+NON_CONFIG_ENV: Final = frozenset(
+    {
+        "MONGARSD_CONFIG",
+        "MONGARSD_PROFILES_DIR",
+        "MONGARSD_PROFILE",
+        "MONGARSD_TOKEN",
+        "MONGARSD_NATIVE_LIBS",
+        "MONGARSD_BUNDLE_DIR",
+        "MONGARSD_BUILD_CACHE",
+    }
+)
 DEFAULT_CONFIG_PATH: Final = "/etc/mongarsd/mongarsd.toml"
 
 SERVICE_START_TIMEOUT_S: Final = 60.0

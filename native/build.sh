@@ -82,18 +82,7 @@ if [ "${FORCE:-0}" != 1 ] && [ -f "$BIN/VERSION" ] && [ "$(cat "$BIN/VERSION")" 
     if [ "$missing" = 0 ]; then echo "native: up to date ($STAMP)"; exit 0; fi
 fi
 
-SRC_ROOT="$HERE/src"
-SDIST="$SRC_ROOT/llama_cpp_python-$VERSION.tar.gz"
-LLAMA="$SRC_ROOT/llama_cpp_python-$VERSION/vendor/llama.cpp"
-mkdir -p "$SRC_ROOT"
-if [ ! -f "$SDIST" ]; then
-    echo "native: downloading the llama-cpp-python $VERSION sdist"
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$SRC_ROOT" "llama-cpp-python==$VERSION"
-fi
-[ -f "$SDIST" ] || die "sdist not found at $SDIST"
-if [ ! -f "$LLAMA/CMakeLists.txt" ]; then
-    tar -xzf "$SDIST" -C "$SRC_ROOT" "llama_cpp_python-$VERSION/vendor/llama.cpp"
-fi
+LLAMA="$(VENV="$VENV" "$HERE/fetch-src.sh")"
 
 BUILD="$HERE/build/$VERSION-$BOARD"
 mkdir -p "$BUILD"

@@ -3,11 +3,15 @@
 #   iproute2    `ip netns` / veth for multi-node mesh tests
 #   systemd     systemd-analyze (unit verify/security) and systemd-sysusers
 #   espeak-ng   speech output tests
+#   mmdebstrap  Debian roots for the single executable's and the .deb's tests (tests/packaging)
+#   lintian     the .deb's checks
+#   binutils    readelf/objdump: instruction sets and glibc floor of the bundled libraries
+#   patchelf    the portable llama.cpp libraries' RUNPATH ($ORIGIN)
 # Skips (exit 0, one line on stderr) when not root or when apt-get is missing.
 # Runs `apt-get update` only when a package is missing and the lists are absent or stale.
 set -euo pipefail
 
-PACKAGES=(iproute2 systemd espeak-ng)
+PACKAGES=(iproute2 systemd espeak-ng mmdebstrap lintian binutils patchelf)
 
 if [ "$(id -u)" != 0 ]; then
     echo "install-test-deps: not root, skipping (${PACKAGES[*]})" >&2

