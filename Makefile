@@ -14,9 +14,12 @@ ARCH ?= $(shell uname -m | sed -e 's/aarch64/arm64/' -e 's/amd64/x86_64/')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' mongarsd/__init__.py)
 DEB_ARCH = $(if $(filter arm64,$(ARCH)),arm64,amd64)
 
-.PHONY: install run test test-fast test-dist fuzz check bench native native-libs dist deb clean distclean test-deps
+.PHONY: install dev run test test-fast test-dist fuzz check bench native native-libs dist deb clean distclean test-deps
 
 install: $(STAMP) $(MODELS_STAMP)
+
+# A developer's setup: the venv with llama.cpp built for this machine's CPU, and the default models.
+dev: install
 
 $(STAMP): setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
