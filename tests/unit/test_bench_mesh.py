@@ -165,9 +165,9 @@ def test_throughput_summary_rates_and_ratio() -> None:
 
 
 def test_only_ids_are_read_from_bench_run_argv_only() -> None:
-    assert only_from_bench_run(["/work/main/bench/run.py", "--only", "P10,p1"]) == {"P10", "P1"}
-    assert only_from_bench_run(["/work/main/bench/run.py", "--only=P11"]) == {"P11"}
-    assert only_from_bench_run(["/work/main/bench/run.py"]) is None
+    assert only_from_bench_run(["/srv/mongarsd/bench/run.py", "--only", "P10,p1"]) == {"P10", "P1"}
+    assert only_from_bench_run(["/srv/mongarsd/bench/run.py", "--only=P11"]) == {"P11"}
+    assert only_from_bench_run(["/srv/mongarsd/bench/run.py"]) is None
     assert only_from_bench_run(["-m", "--only", "P10"]) is None
     assert only_from_bench_run([]) is None
 
