@@ -39,6 +39,8 @@ setup(
         "msgpack>=1.0",
         "structlog>=24.1",
         "prometheus-client>=0.20",
+        "trafilatura>=2.0",  # Iris: main text of fetched HTML pages (pure Python over lxml)
+        "pypdf>=4.0",  # Iris: text of PDF documents (pure Python)
     ],
     extras_require={
         "test": [

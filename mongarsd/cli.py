@@ -191,16 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _domain_registrars() -> list[Callable[..., None]]:
-    """Subcommands owned by domain packages (init, models, keys, peers, chat)."""
+    """Subcommands owned by domain packages (init, chat, ingest, models, keys, peers, social)."""
     from mongarsd import chat_client, firstboot
+    from mongarsd.cognition.iris import cli as iris_cli
     from mongarsd.inference import cli as model_cli
     from mongarsd.mesh import cli as mesh_cli
+    from mongarsd.social import cli as social_cli
 
     registrars: list[Callable[..., None]] = [
         firstboot.register,
         chat_client.register,
+        iris_cli.register,
         model_cli.register,
         mesh_cli.register,
+        social_cli.register,
     ]
     return registrars
 

@@ -136,6 +136,60 @@ class HandsConfig:
 
 
 @dataclass(frozen=True)
+class IrisConfig:
+    """Iris, the polite fetcher and ingester (cognition/iris): what it may read and how gently."""
+
+    enabled: bool = True
+    folders: tuple[str, ...] = ()  # local folders of documents, ingested as shared documents
+    urls: tuple[str, ...] = ()  # allowlist: a URL (a page and what lies below it) or a bare host name
+    allow_internet: bool = False  # off: only the allowlist and the LAN SearxNG are ever fetched
+    searxng_url: str = ""  # a SearxNG instance (usually on the LAN) used to search
+    timeout_s: float = 10.0
+    max_bytes: int = 2 << 20
+    max_redirects: int = 5
+    host_rate_rps: float = 1.0  # requests per second per host (token bucket)
+    host_burst: int = 2
+    robots_ttl_s: float = 3600.0
+    crawl_max_pages: int = 20  # pages read per research from one allowlisted site
+    folder_scan_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class CuriosityConfig:
+    """Cortex / Curiosity Engine: knowledge gaps in a turn become research through Iris."""
+
+    enabled: bool = True
+    gap_similarity: float = 0.45  # best recall similarity below this (or an uncovered entity) is a gap
+    research_budget_s: float = 3.0  # how long a turn waits for research before answering with what it knows
+    max_concurrent: int = 2
+    max_open_per_user: int = 4
+    results_per_research: int = 3  # research memories stored per research
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    """Bouche's voice: speech synthesis for /v1/audio/speech and `speak` on the native chat."""
+
+    enabled: bool = True
+    engine: str = "espeak-ng"  # espeak-ng (embedded default) | piper (needs voice_model)
+    espeak_path: str = "espeak-ng"
+    voice_model: str = ""  # a piper .onnx voice file, for engine = piper
+    default_voice: str = ""  # empty: from the user's language (mimicry profile), else English
+    max_input_chars: int = 4096
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SocialConfig:
+    """Social posting: credentials vault and a Mastodon-compatible client behind a breaker."""
+
+    enabled: bool = True
+    timeout_s: float = 15.0
+    failure_threshold: int = 3
+    reset_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class MaintenanceConfig:
     enabled: bool = True
     idle_after_s: float = 120.0
@@ -152,6 +206,10 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     hands: HandsConfig = field(default_factory=HandsConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    iris: IrisConfig = field(default_factory=IrisConfig)
+    curiosity: CuriosityConfig = field(default_factory=CuriosityConfig)
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
+    social: SocialConfig = field(default_factory=SocialConfig)
 
 
 SECTIONS: dict[str, type[Any]] = dict(typing.get_type_hints(Config))
@@ -214,6 +272,25 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "mesh.hop_limit": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
     "maintenance.idle_after_s": _non_negative,
     "hands.max_rounds": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
+    "iris.timeout_s": _positive,
+    "iris.max_bytes": lambda v: None if 1024 <= v <= 64 << 20 else "must be between 1024 and 67108864",
+    "iris.max_redirects": lambda v: None if 0 <= v <= 20 else "must be between 0 and 20",
+    "iris.host_rate_rps": _positive,
+    "iris.host_burst": _positive,
+    "iris.robots_ttl_s": _non_negative,
+    "iris.crawl_max_pages": lambda v: None if 1 <= v <= 500 else "must be between 1 and 500",
+    "iris.folder_scan_interval_s": _positive,
+    "curiosity.gap_similarity": lambda v: None if 0.0 <= v <= 1.0 else "must be between 0 and 1",
+    "curiosity.research_budget_s": _non_negative,
+    "curiosity.max_concurrent": lambda v: None if 1 <= v <= 16 else "must be between 1 and 16",
+    "curiosity.max_open_per_user": lambda v: None if 1 <= v <= 100 else "must be between 1 and 100",
+    "curiosity.results_per_research": lambda v: None if 1 <= v <= 20 else "must be between 1 and 20",
+    "voice.engine": _choice("espeak-ng", "piper"),
+    "voice.max_input_chars": lambda v: None if 1 <= v <= 100_000 else "must be between 1 and 100000",
+    "voice.timeout_s": _positive,
+    "social.timeout_s": _positive,
+    "social.failure_threshold": _positive,
+    "social.reset_timeout_s": _positive,
 }
 
 

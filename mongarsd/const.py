@@ -37,7 +37,7 @@ TASK_RESTART_BACKOFF_MAX_S: Final = 30.0
 
 # Stopping: every stage is bounded and the stages add up under the unit's TimeoutStopSec
 # (tests/unit/test_systemd_unit.py sums them for every board profile).
-STOP_TIMEOUT_S: Final = 45.0  # systemd/mongarsd.service TimeoutStopSec
+STOP_TIMEOUT_S: Final = 60.0  # systemd/mongarsd.service TimeoutStopSec
 TASKS_STOP_TIMEOUT_S: Final = 1.0  # cancelled background loops must be gone within this
 HTTP_CLOSE_MARGIN_S: Final = 2.0  # after the drain: close sockets and cancel what is left
 

@@ -7,7 +7,6 @@ import ctypes
 import dataclasses
 import fcntl
 import gc
-import ipaddress
 import os
 import resource
 import signal
@@ -30,16 +29,22 @@ from mongarsd.errors import ConfigError, MongarsError
 from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
+from mongarsd.principal import is_loopback_host
 from mongarsd.runmarker import RunMarker
 from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor
 from mongarsd.systemd import Notifier
 
 if TYPE_CHECKING:
+    from mongarsd.cognition.cortex import Cortex
+    from mongarsd.cognition.iris.fetch import Fetcher
+    from mongarsd.cognition.iris.ingest import Ingestor
     from mongarsd.cognition.pipeline import ConversationPipeline
+    from mongarsd.cognition.voice import Voice
     from mongarsd.inference.embed import Embedder
     from mongarsd.inference.manager import InferenceManager
     from mongarsd.memory.hippocampus import Hippocampus
     from mongarsd.mesh.service import MeshService
+    from mongarsd.social.service import SocialService
 
 log = structlog.get_logger("mongarsd.daemon")
 
@@ -56,6 +61,9 @@ class CoreServices:
     manager: InferenceManager
     hippocampus: Hippocampus
     pipeline: ConversationPipeline
+    fetcher: Fetcher | None  # Iris (None when [iris] enabled = false)
+    ingestor: Ingestor | None
+    cortex: Cortex | None  # Curiosity Engine (None without Iris or when [curiosity] enabled = false)
 
 
 class InstanceLock:
@@ -115,15 +123,6 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (musl, macOS): nothing to trim
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BindGuard:
@@ -317,13 +316,15 @@ class Daemon:
 
     def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service], AppContext]:
         """Wire every service with the collaborators it uses, in start order; build the handlers' context once."""
-        from mongarsd.api import native, ollama, openai, peers
+        from mongarsd.api import curiosity, ingest, native, ollama, openai, peers, social, speech
 
         cfg = self.loaded.config
         db = Database(path=cfg.server.state_dir / DB_FILE, tasks=tasks)
         tokens = TokenStore(db=db)
         core = self._core_services(db, metrics, tasks)
         mesh = self._mesh_service(core.manager, db, metrics, tasks)
+        voice = self._voice(metrics)
+        social_service = self._social(metrics)
         ctx = AppContext(
             loaded=self.loaded,
             board=self.board,
@@ -336,9 +337,26 @@ class Daemon:
             hippocampus=core.hippocampus,
             pipeline=core.pipeline,
             mesh=mesh,
+            fetcher=core.fetcher,
+            ingestor=core.ingestor,
+            cortex=core.cortex,
+            voice=voice,
+            social=social_service,
             unclean_exits=self.unclean_exits,
         )
-        app = create_app(ctx, [openai.setup_routes, ollama.setup_routes, native.setup_routes, peers.setup_routes])
+        app = create_app(
+            ctx,
+            [
+                openai.setup_routes,
+                speech.setup_routes,
+                ollama.setup_routes,
+                native.setup_routes,
+                ingest.setup_routes,
+                curiosity.setup_routes,
+                social.setup_routes,
+                peers.setup_routes,
+            ],
+        )
         self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
         services: list[Service] = [
             db,
@@ -346,7 +364,9 @@ class Daemon:
             core.embedder,
             core.manager,
             core.hippocampus,
+            *(svc for svc in (core.fetcher, core.ingestor, core.cortex) if svc is not None),
             core.pipeline,
+            *(svc for svc in (voice, social_service) if svc is not None),
             mesh,
             self.http,
             *self._edge_services(ctx),
@@ -381,6 +401,7 @@ class Daemon:
         hippocampus = Hippocampus(
             db=db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
         )
+        fetcher, ingestor, cortex = self._iris(hippocampus, metrics)
         pipeline = ConversationPipeline(
             hippocampus=hippocampus,
             llm=manager,
@@ -389,10 +410,12 @@ class Daemon:
             history_turns=cfg.memory.history_turns,
             default_model=cfg.inference.default_model,
             max_tokens_default=cfg.inference.max_tokens_default,
-            hands=self._hands(),
+            hands=self._hands(fetcher),
             board=self.board.profile,
             timezone=cfg.hands.timezone or None,
             max_tool_rounds=cfg.hands.max_rounds,
+            cortex=cortex,
+            research_budget_s=cfg.curiosity.research_budget_s,
         )
         metrics.add_source(hippocampus.metrics)
         metrics.add_source(pipeline.metrics)
@@ -400,20 +423,81 @@ class Daemon:
             ("hippocampus-purge", hippocampus.async_purge_loop),
             ("embedder-idle-unload", lambda: self._async_embedder_idle(embedder)),
         ]
-        return CoreServices(embedder=embedder, manager=manager, hippocampus=hippocampus, pipeline=pipeline)
+        return CoreServices(
+            embedder=embedder,
+            manager=manager,
+            hippocampus=hippocampus,
+            pipeline=pipeline,
+            fetcher=fetcher,
+            ingestor=ingestor,
+            cortex=cortex,
+        )
+
+    def _iris(self, hippocampus: Hippocampus, metrics: Metrics) -> tuple[Fetcher | None, Ingestor | None, Cortex | None]:
+        """Iris (fetcher and ingester) and the Curiosity Engine that researches through it, as configured."""
+        from mongarsd.cognition.cortex import Cortex
+        from mongarsd.cognition.iris.fetch import Fetcher
+        from mongarsd.cognition.iris.ingest import Ingestor
+
+        cfg = self.loaded.config
+        if not cfg.iris.enabled:
+            return None, None, None
+        fetcher = Fetcher(config=cfg.iris)
+        ingestor = Ingestor(
+            hippocampus=hippocampus,
+            fetcher=fetcher,
+            folders=[Path(f).expanduser() for f in cfg.iris.folders],
+            scan_interval_s=cfg.iris.folder_scan_interval_s,
+        )
+        metrics.add_source(fetcher.metrics)
+        metrics.add_source(ingestor.metrics)
+        if cfg.iris.folders:
+            self.loops.append(("iris-folder-scan", ingestor.async_scan_loop))
+        cortex = None
+        if cfg.curiosity.enabled:
+            cortex = Cortex(hippocampus=hippocampus, fetcher=fetcher, config=cfg.curiosity, crawl_max_pages=cfg.iris.crawl_max_pages)
+            metrics.add_source(cortex.metrics)
+        return fetcher, ingestor, cortex
+
+    def _voice(self, metrics: Metrics) -> Voice | None:
+        """Bouche's voice (espeak-ng by default), unless [voice] enabled = false."""
+        from mongarsd.cognition.voice import Voice
+
+        cfg = self.loaded.config.voice
+        if not cfg.enabled:
+            return None
+        voice = Voice.from_config(cfg)
+        metrics.add_source(voice.metrics)
+        return voice
+
+    def _social(self, metrics: Metrics) -> SocialService | None:
+        """The social vault and poster, unless [social] enabled = false."""
+        from mongarsd.social.service import SocialService
+
+        cfg = self.loaded.config
+        if not cfg.social.enabled:
+            return None
+        return SocialService(config=cfg.social, state_dir=cfg.server.state_dir, metrics=metrics)
 
     async def _async_embedder_idle(self, embedder: Embedder) -> None:
         while True:
             await asyncio.sleep(EMBED_IDLE_CHECK_S)
             await embedder.async_unload_if_idle()
 
-    def _hands(self) -> Hands | None:
-        """Mains Virtuelles for the persona, as configured ([hands] enabled, tools)."""
-        hcfg = self.loaded.config.hands
+    def _hands(self, fetcher: Fetcher | None) -> Hands | None:
+        """Mains Virtuelles for the persona, as configured ([hands] enabled, tools); Iris fetch when it has sources."""
+        from mongarsd.cognition.hands import default_hands
+        from mongarsd.cognition.iris.hand import iris_hand
+
+        cfg = self.loaded.config
+        hcfg = cfg.hands
         if not hcfg.enabled:
             return None
+        hands = default_hands()
+        if fetcher is not None and (cfg.iris.urls or cfg.iris.allow_internet):
+            hands.append(iris_hand(fetcher))
         try:
-            return Hands(enabled=hcfg.tools or None)
+            return Hands(hands, enabled=hcfg.tools or None)
         except ValueError as err:
             raise ConfigError("hands.tools: " + str(err)) from None
 

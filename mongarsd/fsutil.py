@@ -26,3 +26,11 @@ def atomic_write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of DATA to the file descriptor FD and fsync it (blocking; run in a thread)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)

@@ -7,6 +7,7 @@ without the mesh depending on the API.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -32,3 +33,13 @@ class Principal:
 
 
 PRINCIPAL: Final = web.RequestKey("mongarsd_principal", Principal)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Tell whether HOST (a name or an address) is this machine's loopback (pure)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -33,13 +33,21 @@ class Notifier:
         return self._addr is not None
 
     def notify(self, message: str) -> bool:
-        """Send one datagram (blocking but instantaneous on a local socket); False on failure."""
+        """Send one datagram without ever waiting (loop-safe); False when it could not be sent.
+
+        A manager that does not read its socket fills the datagram queue (net.unix.max_dgram_qlen,
+        often 10); a blocking send would then freeze the event loop until it reads. The message is
+        dropped instead: the next one (a later STATUS, READY, WATCHDOG) says the same again.
+        """
         if self._addr is None:
             return False
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
                 sock.connect(self._addr)
-                sock.sendall(message.encode())
+                sock.send(message.encode())
+        except BlockingIOError:
+            log.warning("sd_notify_dropped", reason="the service manager's queue is full", message=message.split("\n", 1)[0])
+            return False
         except OSError as err:  # the manager went away: keep serving, say it once per call
             log.warning("sd_notify_failed", error=str(err))
             return False

@@ -19,12 +19,17 @@ from mongarsd.metrics import Metrics
 
 if TYPE_CHECKING:
     from mongarsd.board import BoardInfo
+    from mongarsd.cognition.cortex import Cortex
+    from mongarsd.cognition.iris.fetch import Fetcher
+    from mongarsd.cognition.iris.ingest import Ingestor
     from mongarsd.cognition.pipeline import ConversationPipeline
+    from mongarsd.cognition.voice import Voice
     from mongarsd.config import Config
     from mongarsd.inference.embed import Embedder
     from mongarsd.inference.manager import InferenceManager
     from mongarsd.memory.hippocampus import Hippocampus
     from mongarsd.mesh.service import MeshService
+    from mongarsd.social.service import SocialService
 
 
 @dataclass(slots=True)
@@ -55,6 +60,11 @@ class AppContext:
     hippocampus: Hippocampus | None = None
     pipeline: ConversationPipeline | None = None
     mesh: MeshService | None = None
+    fetcher: Fetcher | None = None  # Iris: polite HTTP fetcher and searcher
+    ingestor: Ingestor | None = None  # Iris: documents into memory
+    cortex: Cortex | None = None  # Curiosity Engine: research for knowledge gaps
+    voice: Voice | None = None  # Bouche's voice: speech synthesis
+    social: SocialService | None = None  # vault and Mastodon-compatible posting
     version: str = __version__
     started_at: float = field(default_factory=time.time)
     unclean_exits: int = 0  # previous runs on this state dir that ended without a clean stop

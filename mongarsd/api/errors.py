@@ -36,7 +36,9 @@ _NATIVE_CODES = {
     422: "unprocessable",
     429: "rate_limited",
     500: "internal_error",
+    502: "bad_gateway",
     503: "unavailable",
+    504: "gateway_timeout",
 }
 
 

@@ -10,10 +10,11 @@ from aiohttp import web
 from mongarsd.api.app import CTX
 from mongarsd.api.auth import principal_of
 from mongarsd.api.io import dumps_bytes, get_bool, get_int, get_number, get_str, json_response, query_int, read_json
+from mongarsd.api.speech import async_speech_attachment
 from mongarsd.cognition.pipeline import ChatChunk, ChatResult, ChatToolCall, ConversationPipeline, sanitize_message, validate_session_id
 from mongarsd.errors import MongarsError, UnavailableError, ValidationError
 from mongarsd.inference.sampling import SamplingSpec
-from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, MEMORY_KINDS, Hippocampus
+from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, USER_MEMORY_KINDS, Hippocampus
 
 log = structlog.get_logger("mongarsd.api.native")
 
@@ -69,10 +70,14 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     session_id = validate_session_id(body.get("session_id"))
     model = get_str(body, "model", max_len=200, allow_empty=False)
     stream = get_bool(body, "stream", default=False)
+    speak = get_bool(body, "speak", default=False)
     spec = parse_spec(body)
     if not stream:
         result = await pipeline.async_chat(user, message, session_id, model=model, spec=spec, role=principal.role)
-        return json_response(result.public())
+        out = result.public()
+        if speak:
+            out["audio"] = await async_speech_attachment(request.app[CTX], user, result.response)
+        return json_response(out)
     events = await pipeline.async_chat(user, message, session_id, stream=True, model=model, spec=spec, role=principal.role)
     try:
         first = await events.__anext__()  # refusals become plain HTTP errors before any byte is sent
@@ -87,6 +92,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
                 continue
             else:
                 line = {**item.public(), "done": True}
+                if speak:
+                    line["audio"] = await async_speech_attachment(request.app[CTX], user, item.response)
             await resp.write(dumps_bytes(line) + b"\n")
             try:
                 item = await anext(events, None)
@@ -128,8 +135,11 @@ async def handle_add_memory(request: web.Request) -> web.Response:
     text = sanitize_message(body.get("text"), max_chars=MAX_MEMORY_CHARS, param="text")
     importance = get_number(body, "importance", default=0.5, lo=0.0, hi=1.0)
     kind = get_str(body, "kind", default="fact", max_len=32) or "fact"
-    if kind not in MEMORY_KINDS:
-        raise ValidationError("'kind' must be one of " + ", ".join(MEMORY_KINDS), param="kind")
+    if kind not in USER_MEMORY_KINDS:
+        raise ValidationError(
+            "'kind' must be one of " + ", ".join(USER_MEMORY_KINDS) + " (documents and research come from ingest and curiosity)",
+            param="kind",
+        )
     ttl_s = get_number(body, "ttl_s", lo=1.0, hi=MAX_TTL_S)
     provenance = get_str(body, "provenance", max_len=500)
     memory = await hippo.async_add_memory(

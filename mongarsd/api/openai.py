@@ -56,9 +56,10 @@ def _reject_if(body: Mapping[str, Any], key: str, ok: Callable[[Any], bool], why
 
 def parse_sampling(body: Mapping[str, Any]) -> SamplingSpec:
     """Read OpenAI sampling fields (plus llama-server's top_k, min_p, repeat_penalty) (pure)."""
+    legacy_max = get_int(body, "max_tokens", lo=1)  # checked even when the newer name wins: a bad value is an error
     max_tokens = get_int(body, "max_completion_tokens", lo=1)
     if max_tokens is None:
-        max_tokens = get_int(body, "max_tokens", lo=1)
+        max_tokens = legacy_max
     _reject_if(body, "n", lambda v: v == 1, "must be 1: this server returns one choice per request")
     _reject_if(body, "best_of", lambda v: v == 1, "must be 1: this server returns one choice per request")
     _reject_if(body, "logprobs", lambda v: v is False or v == 0, "is not supported by this server")

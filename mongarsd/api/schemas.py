@@ -23,7 +23,7 @@ from mongarsd.api.messages import MAX_MESSAGES
 from mongarsd.cognition.personality import DEFAULT_STYLE, DEFAULT_TRAITS, MAX_NOTE_CHARS
 from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.inference.sampling import MAX_SEED, MAX_STOP_CHARS
-from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, MEMORY_KINDS
+from mongarsd.memory.hippocampus import MAX_MEMORY_CHARS, USER_MEMORY_KINDS
 from mongarsd.memory.tokens import ROLES
 
 JSON = dict[str, Any]
@@ -182,9 +182,12 @@ ERROR_DESCRIPTIONS: Final[Mapping[int, str]] = {
     408: "The request body did not arrive in time",
     409: "Conflict with the current state",
     413: "Request body, field or prompt too large",
+    415: "A media type the route cannot read (a fetched page or file that is not text, HTML, Markdown or PDF)",
     422: "Valid JSON the server cannot act on (model cannot load, schema too complex)",
     429: "Rate limited or the model's queue is full; see Retry-After",
+    502: "An upstream server (a social instance, a fetched site) refused the request or failed; the message says which and why",
     503: "A part of the daemon is unavailable, loading or busy; Retry-After when retrying helps",
+    504: "An upstream server (a social instance, a fetched site) did not answer in time",
 }
 RETRY_STATUSES: Final = frozenset({429, 503})
 
@@ -491,6 +494,7 @@ NATIVE_CHAT_REQUEST = obj(
         "repeat_penalty": _num(0.01, 5.0),
         "top_k": _num(0, 1000, integer=True),
         "seed": _num(0, MAX_SEED, integer=True),
+        "speak": t("boolean", "null", description="also return the answer spoken, as WAV audio (default false)"),
     },
     "message",
     title="ConversationChatRequest",
@@ -499,7 +503,7 @@ MEMORY_REQUEST = obj(
     {
         "text": t("string", minLength=1, maxLength=MAX_MEMORY_CHARS),
         "importance": _num(0.0, 1.0, description="default 0.5"),
-        "kind": t("string", "null", enum=[*MEMORY_KINDS, None], description="default fact"),
+        "kind": t("string", "null", enum=[*USER_MEMORY_KINDS, None], description="default fact"),
         "ttl_s": _num(1.0, 10 * 365 * 86400.0, description="forget after this many seconds"),
         "provenance": t("string", "null", maxLength=500),
     },
@@ -781,6 +785,7 @@ MEMORY_PROPS: Final[Mapping[str, JSON]] = {
     "session_id": t("string", "null"),
     "message_id": t("integer", "null"),
     "embedded": BOOL,
+    "document_id": t("integer", "null", description="the ingested document this memory is a part of"),
 }
 MEMORY = obj(MEMORY_PROPS, *MEMORY_PROPS, title="Memory")
 RECALL_HIT = obj(
@@ -829,6 +834,27 @@ CHAT_RESULT_PROPS: Final[Mapping[str, JSON]] = {
 CHAT_RESULT_EXTRAS: Final[Mapping[str, JSON]] = {
     "tool_calls": arr(t("object"), description="calls to the client's tools (none on this route)"),
     "hands_used": arr(t("object"), description="the persona's own tools (Mains Virtuelles) run for this answer"),
+    "sources": arr(
+        obj({"source": STR, "title": STR, "kind": {"enum": ["document", "research"]}, "fetched_at": NUM}, "source", "title", "kind"),
+        description="ingested documents and research the answer drew on (also named at the end of the answer)",
+    ),
+    "research": t(
+        "object",
+        "null",
+        description="research the Curiosity Engine started for a knowledge gap in this turn: {id, query, status}",
+    ),
+    "audio": obj(
+        {
+            "format": {"const": "wav"},
+            "sample_rate": INT,
+            "language": STR,
+            "data": t("string", "null", description="base64 WAV; null when speech failed"),
+            "error": STR,
+        },
+        "format",
+        "data",
+        description="the answer spoken (only when the request said speak: true)",
+    ),
 }
 CHAT_RESULT = obj({**CHAT_RESULT_PROPS, **CHAT_RESULT_EXTRAS}, *CHAT_RESULT_PROPS, title="ConversationReply")
 NATIVE_CHAT_LINE = {
@@ -941,6 +967,161 @@ MODEL_PARAM = Param("model", t("string", minLength=1), "a model id (may contain 
 MEMORY_ID_PARAM = Param("memory_id", t("integer", minimum=0, maximum=10**18 - 1), "a memory id", required=True)
 TOKEN_ID_PARAM = Param("token_id", t("string", minLength=1), "a token id (not the secret)", required=True)
 LIMIT = Param("limit", t("integer", minimum=1, maximum=MAX_HISTORY_LIMIT, default=50), "how many, newest first")
+
+
+# Bouche's voice (api/speech.py)
+OPENAI_SPEECH_REQUEST = obj(
+    {
+        "model": t(
+            "string",
+            minLength=1,
+            maxLength=256,
+            description="tts-1, tts-1-hd, gpt-4o-mini-tts, espeak-ng or any name; echoed in X-Speech-Model",
+        ),
+        "input": t("string", minLength=1, maxLength=4096, description="text to speak (voice.max_input_chars); markdown is stripped"),
+        "voice": {
+            "type": ["string", "object"],
+            "description": "alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse; an espeak-ng voice "
+            "('en-us', 'fr-fr+m3'); or {\"id\": name}",
+        },
+        "response_format": t("string", "null", enum=["wav", "pcm", None], description="default wav; mp3/opus/aac/flac refused (400)"),
+        "speed": _num(0.25, 4.0, description="1.0 is about 175 words per minute"),
+        "instructions": t("string", "null", description="accepted and ignored"),
+        "stream_format": t("string", "null", enum=["audio", None]),
+        "language": t(
+            "string",
+            "null",
+            maxLength=35,
+            description="en, fr, fr-FR; default: the text's language, else the caller's usual one, else English",
+        ),
+    },
+    "model",
+    "input",
+    "voice",
+    title="SpeechRequest",
+)
+
+# Iris ingestion (api/ingest.py) and the Curiosity Engine (api/curiosity.py)
+INGEST_RESULT = obj(
+    {
+        "document_id": INT,
+        "source": STR,
+        "title": STR,
+        "chunks": INT,
+        "bytes": INT,
+        "duplicate": BOOL,
+        "error": t("string", description="set for a file of a folder that could not be ingested"),
+    },
+    "document_id",
+    "source",
+    "title",
+    "chunks",
+    "bytes",
+    "duplicate",
+    title="IngestResult",
+)
+INGEST_REQUEST = obj(
+    {
+        "url": t("string", maxLength=2048, description="a page Iris may fetch (iris.urls allowlist)"),
+        "path": t("string", maxLength=4096, description="a file or folder on the daemon's host (admins only)"),
+        "text": t("string", minLength=1, description="the document itself"),
+        "title": t("string", maxLength=300),
+        "source": t("string", maxLength=2048, description="where the text comes from (named in answers)"),
+        "content_type": t("string", enum=["text/plain", "text/markdown", "text/html"], description="of text; default text/plain"),
+        "shared": t("boolean", "null", description="admins: a document every user's recall sees"),
+        "user": t("string", description="admins: store it for this user"),
+    },
+    title="IngestRequest",
+    description="exactly one of url, path or text",
+)
+DOCUMENT = obj(
+    {
+        "id": INT,
+        "owner": STR,
+        "source": STR,
+        "title": STR,
+        "fingerprint": STR,
+        "content_type": STR,
+        "bytes": INT,
+        "chunks": INT,
+        "fetched_at": NUM,
+        "shared": BOOL,
+    },
+    "id",
+    "owner",
+    "source",
+    "title",
+    "chunks",
+    title="Document",
+)
+INGEST_SCOPE = (
+    Param("shared", t("string", enum=["true", "false", "1", "0", "yes", "no"]), "admins: the shared documents"),
+    Param("user", t("string"), "admins: this user's documents"),
+)
+RESEARCH = obj(
+    {
+        "id": INT,
+        "query": STR,
+        "topics": arr(STR),
+        "status": {"enum": ["open", "running", "done", "nothing_found", "failed"]},
+        "reason": STR,
+        "sources": arr(t("object")),
+        "memories": INT,
+        "created_at": STR,
+        "finished_at": t("string", "null"),
+    },
+    "id",
+    "query",
+    "status",
+    title="Research",
+)
+
+SOCIAL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # social/vault.py NAME_RE
+SOCIAL_ACCOUNT_PROPS: Final[Mapping[str, JSON]] = {
+    "name": t("string", pattern=SOCIAL_NAME_PATTERN),
+    "instance": t("string", description="the instance's base URL (normalised)"),
+    "created_at": NUM,
+    "max_chars": INT,
+}
+SOCIAL_ACCOUNT = obj(SOCIAL_ACCOUNT_PROPS, *SOCIAL_ACCOUNT_PROPS, title="SocialAccount")
+SOCIAL_ACCOUNT_REQUEST = obj(
+    {
+        "name": t("string", pattern=SOCIAL_NAME_PATTERN),
+        "instance": t("string", minLength=1, maxLength=2048, description="https://host[:port][/path]; no user info, query or fragment"),
+        "token": t("string", minLength=1, maxLength=1024, description="the account's access token; stored sealed, never returned"),
+        "max_chars": t("integer", "null", minimum=1, maximum=100000, description="longest status the instance accepts (default 500)"),
+        "replace": t("boolean", "null", description="replace an account of the same name (default false: 409)"),
+    },
+    "name",
+    "instance",
+    "token",
+    title="SocialAccountCreate",
+)
+SOCIAL_POST_REQUEST = obj(
+    {
+        "account": t("string", pattern=SOCIAL_NAME_PATTERN),
+        "status": t("string", minLength=1, description="the text; at most the account's max_chars (with spoiler_text)"),
+        "visibility": t("string", "null", enum=["public", "unlisted", "private", "direct", None], description="default public"),
+        "spoiler_text": t("string", "null", maxLength=1000),
+        "language": t("string", "null", pattern=r"^[a-z]{2,3}$"),
+        "idempotency_key": t("string", "null", minLength=1, maxLength=128, description="or the Idempotency-Key header; default: a new key"),
+    },
+    "account",
+    "status",
+    title="SocialPost",
+)
+SOCIAL_POST_RESULT = obj(
+    {"account": STR, "id": STR, "url": t("string", "null"), "created_at": t("string", "null"), "idempotency_key": STR, "replayed": BOOL},
+    "account",
+    "id",
+    "url",
+    "created_at",
+    "idempotency_key",
+    "replayed",
+    title="SocialPostResult",
+)
+SOCIAL_NAME_PARAM = Param("name", t("string", pattern=SOCIAL_NAME_PATTERN), "a social account name", required=True)
+
 
 ROUTE_MODELS: Final[Mapping[tuple[str, str], RouteModel]] = {
     # ops
@@ -1230,6 +1411,122 @@ ROUTE_MODELS: Final[Mapping[tuple[str, str], RouteModel]] = {
             )
         },
         errors=STORE_ERRORS,
+    ),
+    # speech (OpenAI surface)
+    ("POST", "/v1/audio/speech"): RouteModel(
+        "Text to speech (OpenAI)",
+        "openai",
+        {
+            200: Reply(
+                "WAV with true sizes, or raw s16le mono PCM streamed as produced; rate in X-Sample-Rate (22050 Hz with espeak-ng)",
+                {
+                    "audio/wav": {"type": "string", "contentMediaType": "audio/wav"},
+                    "audio/pcm": {"type": "string", "contentMediaType": "audio/pcm"},
+                },
+            )
+        },
+        request=OPENAI_SPEECH_REQUEST,
+        errors=(400, 408, 413, 429, 503),
+    ),
+    # Iris and curiosity (native)
+    ("POST", "/api/v1/ingest"): RouteModel(
+        "Ingest a document (a page, a file or folder, or text) into memory",
+        "native",
+        {
+            201: json_reply(
+                "What was stored",
+                obj(
+                    {"owner": STR, "shared": BOOL, "results": arr(INGEST_RESULT), "ingested": INT, "duplicates": INT, "errors": INT},
+                    "owner",
+                    "results",
+                ),
+            )
+        },
+        request=INGEST_REQUEST,
+        errors=(*BODY_ERRORS, 403, 415, 422, 502, 504),
+        description="Your own documents, recalled only for you; admins may store shared ones (shared: true) that every "
+        "user's recall sees. Answers drawing on a document name its source.",
+    ),
+    ("GET", "/api/v1/ingest"): RouteModel(
+        "List your ingested documents",
+        "native",
+        {200: json_reply("Documents", obj({"owner": STR, "shared": BOOL, "documents": arr(DOCUMENT)}, "owner", "documents"))},
+        query=INGEST_SCOPE,
+        errors=(400, 403, 503),
+    ),
+    ("DELETE", "/api/v1/ingest/{document_id}"): RouteModel(
+        "Forget an ingested document and its memories",
+        "native",
+        {200: json_reply("Deleted", obj({"deleted": INT, "owner": STR}, "deleted", "owner"))},
+        path=(Param("document_id", t("integer", minimum=1), "the document", required=True),),
+        query=INGEST_SCOPE,
+        errors=(400, 403, 404, 503),
+    ),
+    ("GET", "/api/v1/curiosity"): RouteModel(
+        "Your research: knowledge gaps the Curiosity Engine looked up, open and finished",
+        "native",
+        {
+            200: json_reply(
+                "Research, newest first", obj({"research": arr(RESEARCH), "open": INT, "finished": INT}, "research", "open", "finished")
+            )
+        },
+        query=(
+            Param("limit", t("integer", minimum=1, maximum=200, default=50), "how many, newest first"),
+            Param("status", t("string", enum=["open", "running", "done", "nothing_found", "failed"]), "only this status"),
+        ),
+        errors=(400, 503),
+    ),
+    # social (admin)
+    ("GET", "/api/v1/social/accounts"): RouteModel(
+        "List social accounts (never their tokens) with their breaker state",
+        "admin",
+        {
+            200: json_reply(
+                "Accounts",
+                obj(
+                    {
+                        "accounts": arr(
+                            obj(
+                                {**SOCIAL_ACCOUNT_PROPS, "breaker": t("string", enum=["closed", "open", "half_open"])},
+                                *SOCIAL_ACCOUNT_PROPS,
+                                "breaker",
+                            )
+                        )
+                    },
+                    "accounts",
+                ),
+            )
+        },
+        errors=STORE_ERRORS,
+    ),
+    ("POST", "/api/v1/social/accounts"): RouteModel(
+        "Store a social account; its token is sealed in the vault",
+        "admin",
+        {
+            201: json_reply("Added", obj({**SOCIAL_ACCOUNT_PROPS, "replaced": BOOL}, *SOCIAL_ACCOUNT_PROPS, "replaced")),
+            200: json_reply("Replaced (replace: true)", obj({**SOCIAL_ACCOUNT_PROPS, "replaced": BOOL}, *SOCIAL_ACCOUNT_PROPS, "replaced")),
+        },
+        request=SOCIAL_ACCOUNT_REQUEST,
+        errors=(*BODY_ERRORS, 409),
+    ),
+    ("DELETE", "/api/v1/social/accounts/{name}"): RouteModel(
+        "Forget a social account and its token",
+        "admin",
+        {200: json_reply("Removed", obj({"removed": STR, "instance": STR}, "removed", "instance"))},
+        path=(SOCIAL_NAME_PARAM,),
+        errors=(400, 404, 503),
+    ),
+    ("POST", "/api/v1/social/post"): RouteModel(
+        "Post a status to a Mastodon-compatible instance, at most once per idempotency key",
+        "admin",
+        {
+            201: json_reply("Posted", SOCIAL_POST_RESULT),
+            200: json_reply("Already posted with this key (replayed: true); the instance was not contacted", SOCIAL_POST_RESULT),
+        },
+        request=SOCIAL_POST_REQUEST,
+        errors=(*BODY_ERRORS, 404, 409, 502, 504),
+        description="Send the key in the Idempotency-Key header or in idempotency_key. 502/504: the instance refused or could not be reached "
+        "(retry with the same key is safe); 503 with Retry-After: the account's circuit breaker is open.",
     ),
 }
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, overload
 
 import structlog
 
@@ -55,6 +56,9 @@ from mongarsd.memory.hippocampus import Hippocampus, Message, RecallResult
 from mongarsd.memory.profiles import ProfileRow, ProfileStore
 from mongarsd.sanitize import clean_text
 
+if TYPE_CHECKING:
+    from mongarsd.cognition.cortex import Cortex
+
 log = structlog.get_logger("mongarsd.cognition.pipeline")
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -66,8 +70,12 @@ MAX_SESSION_ID_CHARS = 100
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PERSONA_SESSION_ID = "default"
+SOURCED_KINDS: Final = frozenset({"document", "research"})  # memories read from a source the answer names
+CITE_MIN_SIMILARITY: Final = 0.35  # a sourced memory this close to the question is named in the answer
+MAX_SOURCES_NAMED: Final = 3
+MAX_SOURCE_LABEL_CHARS: Final = 200
 MAX_TOOL_ROUNDS = 1  # generation rounds that may call the daemon's hands before the answer
-STAGES = ("validate", "history", "recall", "profile", "prompt", "first_token", "generate", "shape", "persist", "total")
+STAGES = ("validate", "history", "recall", "research", "profile", "prompt", "first_token", "generate", "shape", "persist", "total")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,8 @@ class ChatResult:
     memory_id: int | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # calls to the client's tools
     hands_used: list[dict[str, Any]] = field(default_factory=list)  # Mains Virtuelles calls run for this answer
+    sources: list[dict[str, Any]] = field(default_factory=list)  # documents and research the answer drew on
+    research: dict[str, Any] | None = None  # research the Curiosity Engine started for this turn
 
     @property
     def processing_time_ms(self) -> float:
@@ -134,6 +144,8 @@ class ChatResult:
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
             "tool_calls": self.tool_calls,
             "hands_used": self.hands_used,
+            "sources": self.sources,
+            "research": self.research,
         }
 
 
@@ -181,6 +193,23 @@ def content_text(content: object, param: str) -> str:
     raise ValidationError(f"'{param}' must be a string or a list of text parts", param=param)
 
 
+def memory_source(kind: str, provenance: str | None) -> dict[str, Any] | None:
+    """Where a document or research memory came from (its provenance's source and title), else None (pure)."""
+    if kind not in SOURCED_KINDS or not provenance:
+        return None
+    try:
+        prov = json.loads(provenance)
+    except ValueError:
+        return None
+    if not isinstance(prov, dict) or not isinstance(prov.get("source"), str) or not prov["source"]:
+        return None
+    title = prov.get("title") if isinstance(prov.get("title"), str) else ""
+    out: dict[str, Any] = {"source": prov["source"][:MAX_SOURCE_LABEL_CHARS], "title": str(title)[:MAX_SOURCE_LABEL_CHARS], "kind": kind}
+    if isinstance(prov.get("fetched_at"), (int, float)):
+        out["fetched_at"] = prov["fetched_at"]
+    return out
+
+
 def select_memories(recall: RecallResult, history: Sequence[Msg]) -> list[dict[str, Any]]:
     """Keep recalled memories not already present verbatim in the prompt's history."""
     in_history = {m["content"].strip() for m in history}
@@ -188,8 +217,48 @@ def select_memories(recall: RecallResult, history: Sequence[Msg]) -> list[dict[s
     for hit in recall.hits:
         if hit.memory.text.strip() in in_history:
             continue
-        out.append({"id": hit.memory.id, "text": hit.memory.text, "score": round(hit.score, 6), "similarity": hit.similarity})
+        item: dict[str, Any] = {"id": hit.memory.id, "text": hit.memory.text, "score": round(hit.score, 6), "similarity": hit.similarity}
+        source = memory_source(hit.memory.kind, hit.memory.provenance)
+        if source is not None:
+            item["kind"] = hit.memory.kind
+            item["source"] = source
+            close = hit.similarity is not None and hit.similarity >= CITE_MIN_SIMILARITY
+            item["cite"] = close or (hit.similarity is None and hit.text_rank is not None)
+        out.append(item)
     return out
+
+
+def memory_prompt_text(memory: Mapping[str, Any]) -> str:
+    """A memory as the prompt shows it: sourced ones say where they come from (pure)."""
+    source = memory.get("source")
+    if not isinstance(source, Mapping):
+        return str(memory["text"])
+    return f"{memory['text']} (source: {source.get('title') or source['source']})"
+
+
+def cited_sources(memories: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct sources of the kept memories close enough to the question to name (pure)."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for m in memories:
+        source = m.get("source")
+        if not m.get("cite") or not isinstance(source, Mapping) or source["source"] in seen:
+            continue
+        seen.add(source["source"])
+        out.append(dict(source))
+        if len(out) == MAX_SOURCES_NAMED:
+            break
+    return out
+
+
+def with_sources(answer: str, sources: Sequence[Mapping[str, Any]]) -> str:
+    """Append a line naming the sources the answer drew on, unless it already names them all (pure)."""
+    missing = [s for s in sources if str(s["source"]) not in answer]
+    if not missing:
+        return answer
+    names = [f"{s['title']} <{s['source']}>" if s.get("title") else f"<{s['source']}>" for s in missing]
+    sep = "\n\n" if answer else ""
+    return answer + sep + "Sources: " + "; ".join(names)
 
 
 def shaped_suffix(raw: str, shaped: str) -> str:
@@ -231,6 +300,8 @@ class ConversationPipeline:
         board: str = "generic",
         timezone: str | None = None,
         max_tool_rounds: int = MAX_TOOL_ROUNDS,
+        cortex: Cortex | None = None,
+        research_budget_s: float = 0.0,
     ) -> None:
         self.hippocampus = hippocampus
         self.llm = llm
@@ -246,6 +317,8 @@ class ConversationPipeline:
         self.board = board
         self.timezone = timezone
         self.max_tool_rounds = max_tool_rounds
+        self.cortex = cortex
+        self.research_budget_s = research_budget_s
         self.turns_total = 0
         self.failures_total = 0
         self.degraded_total: dict[str, int] = {}
@@ -417,6 +490,9 @@ class ConversationPipeline:
         hist_msgs: list[Msg] = list(history_override or []) if history_task is None else (history_task.result() or [])
         recall: RecallResult = recall_task.result() or RecallResult([])
         profile: ProfileRow = profile_task.result() or ProfileRow(user, {}, {}, None)
+        research: dict[str, Any] | None = None
+        if self.cortex is not None and not exchange:
+            recall, research = await self._async_research(user, text, recall, timings, degraded)
         if recall.degraded:
             degraded.append("recall:" + recall.status)
         memories = select_memories(recall, hist_msgs)
@@ -426,7 +502,7 @@ class ConversationPipeline:
             system=system,
             user_message=text,
             directives=directives,
-            memories=[m["text"] for m in memories],
+            memories=[memory_prompt_text(m) for m in memories],
             history=hist_msgs,
             context=list(context),
         )
@@ -517,6 +593,9 @@ class ConversationPipeline:
         reason = FINISH_TOOL_CALLS if client_calls else str(final.finish_reason)
         raw_answer = "".join(pieces)
         answer = raw_answer.strip() if client_calls else bouche.shape(raw_answer, truncated=final.finish_reason == "length")
+        sources = cited_sources(memories)
+        if not client_calls:
+            answer = with_sources(answer, sources)  # ingested documents and research are named in the answer
         timings["shape"] = _ms(t0)
 
         t0 = time.perf_counter()
@@ -571,7 +650,37 @@ class ConversationPipeline:
             memory_id=stored.memory_id,
             tool_calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in client_calls],
             hands_used=hands_used,
+            sources=sources,
+            research=research,
         )
+
+    async def _async_research(
+        self, user: str, text: str, recall: RecallResult, timings: dict[str, float], degraded: list[str]
+    ) -> tuple[RecallResult, dict[str, Any] | None]:
+        """Let the Curiosity Engine research a knowledge gap; wait for it within the budget, then recall again.
+
+        Research that does not finish within `research_budget_s` goes on in the background: the
+        answer uses what is known now and the next turn on the topic recalls what was found.
+        """
+        assert self.cortex is not None
+        t0 = time.perf_counter()
+        try:
+            handle = await self.cortex.async_consider(user, text, recall)
+            if handle is None:
+                return recall, None
+            finished = self.research_budget_s > 0 and await self.cortex.async_wait(handle, self.research_budget_s)
+            info: dict[str, Any] = {"id": handle.research_id, "query": handle.query, "status": "done" if finished else "running"}
+            if finished:
+                again = await self._async_stage("recall", self.hippocampus.async_recall(user, text, self.recall_k), timings, degraded)
+                if again is not None:
+                    recall = again
+            return recall, info
+        except MongarsError as err:  # research is optional: the turn goes on without it
+            degraded.append("research:error")
+            log.warning("research_failed", user=user, error=str(err))
+            return recall, None
+        finally:
+            timings["research"] = _ms(t0)
 
     # ---------------------------------------------------------------- tools
 

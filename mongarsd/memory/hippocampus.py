@@ -3,7 +3,8 @@
 Every SQL statement here carries `WHERE user = ?` and the vector index is partitioned by
 user, so one user's data can never surface in another user's recall or history (the
 original leaked across users through global history and had two drifting instances; here
-there is one service and SQLite is the only source of truth).
+there is one service and SQLite is the only source of truth). The one widening: recall also
+reads the document memories of SHARED_OWNER, documents an admin ingested for everyone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiosqlite
 import numpy as np
@@ -23,7 +24,7 @@ import structlog
 
 from mongarsd.errors import EmbedderUnavailableError, NotFoundError, StoreError, ValidationError
 from mongarsd.memory.db import Database
-from mongarsd.memory.vectors import VectorIndex, from_blob, to_blob
+from mongarsd.memory.vectors import Hit, VectorIndex, from_blob, to_blob
 
 log = structlog.get_logger("mongarsd.memory.hippocampus")
 
@@ -45,7 +46,18 @@ STATUS_EMBEDDER_UNAVAILABLE = "embedder_unavailable"
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STORED_CALLS_CHARS = 64_000
-MEMORY_KINDS = ("fact", "turn", "note", "summary", "research")
+MEMORY_KINDS = ("fact", "turn", "note", "summary", "research", "document")
+# Kinds a user may store through the API: research and documents come only from Iris, so
+# nobody can pass their own words off as a fetched source.
+USER_MEMORY_KINDS = ("fact", "turn", "note", "summary")
+
+SHARED_OWNER: Final = "*"  # owner of shared documents; never a valid user name (tokens.USER_NAME_RE)
+DOCUMENT_KIND: Final = "document"
+DOCUMENT_MEMORY_SOURCE: Final = "iris"
+DOCUMENT_EMBED_BATCH = 32  # chunks per embedder call: a chat turn's recall waits behind one batch at most
+DOCUMENT_IMPORTANCE = 0.5
+MAX_DOCUMENT_CHUNKS = 5000
+MAX_DOCUMENT_LIST = 1000
 
 
 def _words(text: str) -> frozenset[str]:
@@ -127,9 +139,40 @@ class Memory:
     session_id: str | None = None
     message_id: int | None = None
     embedded: bool = False
+    document_id: int | None = None  # the ingested document this chunk belongs to
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """An ingested document: its chunks are memories of kind "document" with its id."""
+
+    id: int
+    owner: str
+    source: str
+    title: str
+    fingerprint: str
+    content_type: str
+    bytes: int
+    chunks: int
+    fetched_at: float
+
+    @property
+    def shared(self) -> bool:
+        return self.owner == SHARED_OWNER
+
+    def public(self) -> dict[str, Any]:
+        return {**asdict(self), "shared": self.shared}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    document: Document
+    duplicate: bool  # the same text was already stored for this owner: nothing was written
+    replaced: tuple[int, ...] = ()  # ids of this owner's older documents of the same source, now deleted
+    embedded: int = 0  # chunks stored with a vector (the rest wait for the backfill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,12 +305,43 @@ def _memory_from_row(row: Any) -> Memory:
         session_id=row["session_id"],
         message_id=None if row["message_id"] is None else int(row["message_id"]),
         embedded=bool(row["embedded"]),
+        document_id=None if row["document_id"] is None else int(row["document_id"]),
     )
 
 
 _MEMORY_COLS = (
-    "id, text, importance, kind, source, created_at, expires_at, provenance, session_id, message_id, (embedding IS NOT NULL) AS embedded"
+    "id, text, importance, kind, source, created_at, expires_at, provenance, session_id, message_id, "
+    "(embedding IS NOT NULL) AS embedded, document_id"
 )
+_DOCUMENT_COLS = "id, owner, source, title, fingerprint, content_type, bytes, chunks, fetched_at"
+# Whose memories a recall for user ? reads: their own, and the shared documents.
+_VISIBLE = f"(m.user = ? OR (m.user = '{SHARED_OWNER}' AND m.kind = '{DOCUMENT_KIND}'))"
+
+
+def _document_from_row(row: Any) -> Document:
+    return Document(
+        id=int(row["id"]),
+        owner=str(row["owner"]),
+        source=str(row["source"]),
+        title=str(row["title"]),
+        fingerprint=str(row["fingerprint"]),
+        content_type=str(row["content_type"]),
+        bytes=int(row["bytes"]),
+        chunks=int(row["chunks"]),
+        fetched_at=float(row["fetched_at"]),
+    )
+
+
+def document_provenance(source: str, title: str, fetched_at: float, document_id: int) -> str:
+    """The provenance JSON every chunk of a document carries, so an answer can name its source (pure)."""
+    return json.dumps({"source": source, "title": title, "fetched_at": fetched_at, "document_id": document_id}, ensure_ascii=False)
+
+
+def merge_vector_hits(rankings: Sequence[Sequence[Hit]], limit: int) -> list[Hit]:
+    """Merge per-partition cosine hit lists into one list, best score first, at most limit (pure)."""
+    merged = [hit for ranking in rankings for hit in ranking]
+    merged.sort(key=lambda h: (-h.score, h.id))
+    return merged[:limit]
 
 
 # ------------------------------------------------------------------------------ service
@@ -507,6 +581,7 @@ class Hippocampus:
         provenance: str | None = None,
         ttl_s: float | None = None,
         require_embedding: bool = False,
+        document_id: int | None = None,
     ) -> Memory:
         """Store one memory with its embedding; without an embedder it is stored for full-text recall only."""
         text = text.strip()
@@ -531,8 +606,8 @@ class Hippocampus:
 
         async def op(conn: aiosqlite.Connection) -> int:
             cur = await conn.execute(
-                "INSERT INTO memories(user, text, embedding, embed_model, importance, kind, source, provenance, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO memories(user, text, embedding, embed_model, importance, kind, source, provenance, created_at, expires_at, "
+                "document_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user,
                     text,
@@ -544,6 +619,7 @@ class Hippocampus:
                     provenance,
                     now,
                     expires,
+                    document_id,
                 ),
             )
             return int(cur.lastrowid or 0)
@@ -551,7 +627,7 @@ class Hippocampus:
         mid: int = await self._db.async_write(op)
         if vec is not None:
             self.index.add(user, [mid], vec[None, :])
-        return Memory(mid, text, importance, kind, source, now, expires, provenance, None, None, vec is not None)
+        return Memory(mid, text, importance, kind, source, now, expires, provenance, None, None, vec is not None, document_id)
 
     async def async_get_memory(self, user: str, memory_id: int) -> Memory:
         row = await self._db.async_fetchone(f"SELECT {_MEMORY_COLS} FROM memories WHERE user = ? AND id = ?", (user, memory_id))
@@ -586,10 +662,12 @@ class Hippocampus:
     # ---------------------------------------------------------------- recall
 
     async def async_recall(self, user: str, query: str, k: int = 5) -> RecallResult:
-        """Hybrid recall over the user's own memories: cosine and BM25 ranks fused by RRF.
+        """Hybrid recall over the user's own memories and the shared documents: cosine and BM25 ranks fused by RRF.
 
-        If the embedder is unavailable only full-text search runs and the result says so
-        (status "embedder_unavailable"); no vector is ever made up.
+        Shared documents (owner SHARED_OWNER, kind "document") compete in the same ranking as
+        the user's own memories; no other user's memory is ever read. If the embedder is
+        unavailable only full-text search runs and the result says so (status
+        "embedder_unavailable"); no vector is ever made up.
         """
         if k <= 0 or not query.strip():
             return RecallResult([])
@@ -608,10 +686,11 @@ class Hippocampus:
         else:
             timings["embed"] = (time.perf_counter() - t0) * 1000
             t1 = time.perf_counter()
-            if self.index.count(user) >= SEARCH_IN_THREAD_ROWS:
-                found = await asyncio.to_thread(self.index.search, user, qv, n_cand)
+            partitions = [user] if user == SHARED_OWNER else [user, SHARED_OWNER]
+            if sum(self.index.count(p) for p in partitions) >= SEARCH_IN_THREAD_ROWS:
+                found = await asyncio.to_thread(self._search_partitions, partitions, qv, n_cand)
             else:
-                found = self.index.search(user, qv, n_cand)
+                found = self._search_partitions(partitions, qv, n_cand)
             for hit in found:
                 vec_ranking.append(hit.id)
                 sims[hit.id] = hit.score
@@ -625,7 +704,7 @@ class Hippocampus:
             return RecallResult([], status, reason, timings)
         ids = [i for i, _ in fused]
         rows = await self._db.async_fetchall(
-            f"SELECT {_MEMORY_COLS} FROM memories WHERE user = ? AND id IN ({','.join('?' * len(ids))}) "
+            f"SELECT {_MEMORY_COLS} FROM memories m WHERE {_VISIBLE} AND id IN ({','.join('?' * len(ids))}) "
             "AND (expires_at IS NULL OR expires_at > ?)",
             (user, *ids, time.time()),
         )
@@ -636,6 +715,10 @@ class Hippocampus:
         timings["total"] = (time.perf_counter() - t0) * 1000
         return RecallResult(hits, status, reason, timings)
 
+    def _search_partitions(self, partitions: Sequence[str], query: npt.NDArray[np.float32], limit: int) -> list[Hit]:
+        """Top `limit` cosine hits over several index partitions (loop or worker thread: numpy drops the GIL)."""
+        return merge_vector_hits([self.index.search(p, query, limit) for p in partitions], limit)
+
     async def _async_fts(self, user: str, query: str, limit: int) -> list[int]:
         match = fts_query(query)
         if match is None:
@@ -643,7 +726,7 @@ class Hippocampus:
         try:
             rows = await self._db.async_fetchall(
                 "SELECT m.id AS id FROM memories_fts JOIN memories m ON m.id = memories_fts.rowid "
-                "WHERE memories_fts MATCH ? AND m.user = ? ORDER BY bm25(memories_fts) LIMIT ?",
+                f"WHERE memories_fts MATCH ? AND {_VISIBLE} ORDER BY bm25(memories_fts) LIMIT ?",
                 (match, user, limit),
             )
         except StoreError as err:
@@ -651,6 +734,149 @@ class Hippocampus:
             log.error("fts_query_failed", error=str(err))
             return []
         return [int(r["id"]) for r in rows]
+
+    # ---------------------------------------------------------------- documents
+
+    async def async_find_document(self, owner: str, *, fingerprint: str | None = None, source: str | None = None) -> Document | None:
+        """Return the owner's document with this text fingerprint (or else the latest of this source), if any."""
+        if fingerprint is not None:
+            sql, params = f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? AND fingerprint = ?", (owner, fingerprint)
+        elif source is not None:
+            sql, params = f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? AND source = ? ORDER BY id DESC LIMIT 1", (owner, source)
+        else:
+            raise ValidationError("give a fingerprint or a source to find a document", param="document")
+        row = await self._db.async_fetchone(sql, params)
+        return None if row is None else _document_from_row(row)
+
+    async def async_get_document(self, owner: str, document_id: int) -> Document:
+        row = await self._db.async_fetchone(f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? AND id = ?", (owner, document_id))
+        if row is None:
+            raise NotFoundError(f"document {document_id} not found", param="id")
+        return _document_from_row(row)
+
+    async def async_list_documents(self, owner: str, *, limit: int = MAX_DOCUMENT_LIST) -> list[Document]:
+        """Return the owner's documents, newest first."""
+        rows = await self._db.async_fetchall(
+            f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? ORDER BY id DESC LIMIT ?", (owner, max(0, limit))
+        )
+        return [_document_from_row(r) for r in rows]
+
+    async def async_embed_many(self, texts: Sequence[str], *, batch: int = DOCUMENT_EMBED_BATCH) -> npt.NDArray[np.float32]:
+        """Embed many texts in batches of `batch` (so recalls interleave), or raise EmbedderUnavailableError."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        parts = [await self.async_embed(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    async def async_store_document(
+        self,
+        owner: str,
+        chunks: Sequence[str],
+        *,
+        source: str,
+        title: str,
+        fingerprint: str,
+        content_type: str,
+        size: int,
+        fetched_at: float | None = None,
+        importance: float = DOCUMENT_IMPORTANCE,
+    ) -> StoredDocument:
+        """Store a document and its chunks as memories in one write transaction, embedded in batches.
+
+        Deduplicates by (owner, fingerprint): the same text stored again writes nothing and
+        returns the existing document with duplicate True. Older documents of the same owner
+        and source are replaced (deleted with their memories) in the same transaction. Without
+        an embedder the chunks are stored for full-text recall and the backfill embeds them.
+        Document memories never expire on their own.
+        """
+        texts = [c.strip() for c in chunks]
+        if not texts or not all(texts):
+            raise ValidationError("a document needs at least one chunk, and no chunk may be empty", param="chunks")
+        if len(texts) > MAX_DOCUMENT_CHUNKS:
+            raise ValidationError(f"a document may have at most {MAX_DOCUMENT_CHUNKS} chunks, got {len(texts)}", param="chunks")
+        if too_long := [i for i, t in enumerate(texts) if len(t) > MAX_MEMORY_CHARS]:
+            raise ValidationError(f"chunk {too_long[0]} is longer than {MAX_MEMORY_CHARS} characters", param="chunks")
+        existing = await self.async_find_document(owner, fingerprint=fingerprint)
+        if existing is not None:
+            return StoredDocument(existing, duplicate=True)
+        vecs: npt.NDArray[np.float32] | None = None
+        try:
+            vecs = await self.async_embed_many(texts)
+        except EmbedderUnavailableError as err:
+            log.warning("document_not_embedded", owner=owner, source=source, chunks=len(texts), error=str(err))
+        when = time.time() if fetched_at is None else fetched_at
+        now = time.time()
+        model_id = self._embed_model_id()
+
+        async def op(conn: aiosqlite.Connection) -> tuple[Document, bool, list[int], list[int], list[int]]:
+            # Checked again inside the transaction: a concurrent ingest of the same text may have won.
+            async with conn.execute(
+                f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? AND fingerprint = ?", (owner, fingerprint)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                return _document_from_row(row), True, [], [], []
+            async with conn.execute("SELECT id FROM documents WHERE owner = ? AND source = ?", (owner, source)) as cur:
+                old_docs = [int(r[0]) for r in await cur.fetchall()]
+            old_mems = await _delete_documents(conn, old_docs)
+            cur = await conn.execute(
+                "INSERT INTO documents(owner, source, title, fingerprint, content_type, bytes, chunks, fetched_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (owner, source, title, fingerprint, content_type, size, len(texts), when),
+            )
+            doc_id = int(cur.lastrowid or 0)
+            provenance = document_provenance(source, title, when, doc_id)
+            await conn.executemany(
+                "INSERT INTO memories(user, text, embedding, embed_model, importance, kind, source, provenance, created_at, document_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        owner,
+                        text,
+                        None if vecs is None else to_blob(vecs[n]),
+                        None if vecs is None else model_id,
+                        importance,
+                        DOCUMENT_KIND,
+                        DOCUMENT_MEMORY_SOURCE,
+                        provenance,
+                        now,
+                        doc_id,
+                    )
+                    for n, text in enumerate(texts)
+                ],
+            )
+            # AUTOINCREMENT ids grow in insertion order, so id order is chunk order.
+            async with conn.execute("SELECT id FROM memories WHERE document_id = ? ORDER BY id", (doc_id,)) as cur:
+                new_mems = [int(r[0]) for r in await cur.fetchall()]
+            doc = Document(doc_id, owner, source, title, fingerprint, content_type, size, len(texts), when)
+            return doc, False, old_docs, old_mems, new_mems
+
+        doc, duplicate, old_docs, old_mems, new_mems = await self._db.async_write(op)
+        if duplicate:
+            return StoredDocument(doc, duplicate=True)
+        self.index.remove_many(old_mems)
+        if vecs is not None and len(new_mems) == len(texts):
+            self.index.add(owner, new_mems, vecs)
+        log.info("document_stored", owner=owner, source=source, document_id=doc.id, chunks=len(texts), replaced=old_docs)
+        return StoredDocument(doc, duplicate=False, replaced=tuple(old_docs), embedded=0 if vecs is None else len(texts))
+
+    async def async_delete_document(self, owner: str, document_id: int) -> Document:
+        """Delete one of the owner's documents and its memories (store and vector index); NotFoundError otherwise."""
+
+        async def op(conn: aiosqlite.Connection) -> tuple[Document | None, list[int]]:
+            async with conn.execute(f"SELECT {_DOCUMENT_COLS} FROM documents WHERE owner = ? AND id = ?", (owner, document_id)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None, []
+            return _document_from_row(row), await _delete_documents(conn, [document_id])
+
+        doc: Document | None
+        mems: list[int]
+        doc, mems = await self._db.async_write(op)
+        if doc is None:
+            raise NotFoundError(f"document {document_id} not found", param="id")
+        self.index.remove_many(mems)
+        log.info("document_deleted", owner=owner, document_id=document_id, memories=len(mems))
+        return doc
 
     # ---------------------------------------------------------------- maintenance
 
@@ -725,6 +951,19 @@ class Hippocampus:
             {},
         )
         yield ("mongarsd_memory_purged_total", "counter", "Expired rows purged.", float(self.purged_total), {})
+
+
+async def _delete_documents(conn: aiosqlite.Connection, document_ids: Sequence[int]) -> list[int]:
+    """Delete documents and their memories inside the caller's transaction; return the memory ids that went."""
+    if not document_ids:
+        return []
+    marks = ",".join("?" * len(document_ids))
+    async with conn.execute(f"SELECT id FROM memories WHERE document_id IN ({marks})", tuple(document_ids)) as cur:
+        mems = [int(r[0]) for r in await cur.fetchall()]
+    # Explicit, not left to ON DELETE CASCADE, so the full-text index's delete trigger surely runs.
+    await conn.execute(f"DELETE FROM memories WHERE document_id IN ({marks})", tuple(document_ids))
+    await conn.execute(f"DELETE FROM documents WHERE id IN ({marks})", tuple(document_ids))
+    return mems
 
 
 async def _touch_session(conn: aiosqlite.Connection, user: str, session_id: str, now: float) -> None:

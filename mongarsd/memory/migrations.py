@@ -141,6 +141,37 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_user ON messages(user, id);
     CREATE INDEX messages_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # 5: Iris documents (a user's own, or shared under owner '*') and Cortex research (owner: cognition)
+    """
+    CREATE TABLE documents (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner         TEXT NOT NULL,
+        source        TEXT NOT NULL,
+        title         TEXT NOT NULL DEFAULT '',
+        fingerprint   TEXT NOT NULL,
+        content_type  TEXT NOT NULL DEFAULT '',
+        bytes         INTEGER NOT NULL,
+        chunks        INTEGER NOT NULL,
+        fetched_at    REAL NOT NULL,
+        UNIQUE (owner, fingerprint)
+    ) STRICT;
+    CREATE INDEX documents_owner_source ON documents(owner, source);
+    ALTER TABLE memories ADD COLUMN document_id INTEGER REFERENCES documents(id) ON DELETE CASCADE;
+    CREATE INDEX memories_document ON memories(document_id) WHERE document_id IS NOT NULL;
+    CREATE TABLE research (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user         TEXT NOT NULL,
+        query        TEXT NOT NULL,
+        topics       TEXT NOT NULL DEFAULT '[]',
+        status       TEXT NOT NULL CHECK (status IN ('open', 'running', 'done', 'nothing_found', 'failed')),
+        reason       TEXT NOT NULL DEFAULT '',
+        sources      TEXT NOT NULL DEFAULT '[]',
+        memories     INTEGER NOT NULL DEFAULT 0,
+        created_at   REAL NOT NULL,
+        finished_at  REAL
+    ) STRICT;
+    CREATE INDEX research_user ON research(user, id);
+    """,
 ]
 
 

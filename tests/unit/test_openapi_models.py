@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 
-from mongarsd.api import admin, io, native, ollama, openai, openapi, ops, peers, schemas
+from mongarsd.api import admin, curiosity, ingest, io, native, ollama, openai, openapi, ops, peers, schemas, social, speech
 from mongarsd.api.io import read_json
 from mongarsd.api.schemas import ROUTE_MODELS, RouteModel
 from mongarsd.api.validation import check_body, declared_types, validation_middleware
@@ -28,8 +28,12 @@ ROUTE_SETUPS: list[Callable[[web.Application], None]] = [
     openapi.setup_routes,
     admin.setup_routes,
     openai.setup_routes,
+    speech.setup_routes,
     ollama.setup_routes,
     native.setup_routes,
+    ingest.setup_routes,
+    curiosity.setup_routes,
+    social.setup_routes,
     peers.setup_routes,
 ]
 JSON_TYPES = {"string", "integer", "number", "boolean", "array", "object", "null"}

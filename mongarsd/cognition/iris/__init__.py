@@ -1,0 +1,1 @@
+"""Iris: the polite fetcher and ingester (allowlisted sources, robots.txt, rate limits, text extraction)."""
