@@ -28,7 +28,7 @@ from typing import Any, Final
 
 REPO: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
-TARGET_IDS: Final = tuple(f"P{i}" for i in range(1, 17))
+TARGET_IDS: Final = tuple(f"P{i}" for i in range(1, 18))
 DEFAULT_MODEL_FILE: Final = "SmolLM2-135M-Instruct-Q4_1.gguf"
 DEFAULT_MODEL_ID: Final = "smollm2-135m-instruct:q4_1"
 NATIVE_BIN: Final = REPO / "native" / "bin"
@@ -116,6 +116,9 @@ TARGETS: Final[dict[str, TargetSpec]] = {
     "P14": TargetSpec("TTFT while Sommeil work runs vs an idle daemon", "ms", (Check("ratio", "<=", 1.5),)),
     "P15": TargetSpec("portable llama.cpp build decode vs the native build", "tokens/s", (Check("ratio", ">=", 0.95),)),
     "P16": TargetSpec("single executable's second start to READY vs the venv's", "s", (Check("ratio", "<=", 1.2),)),
+    "P17": TargetSpec(
+        "event-loop lag p99 while chats stream and research, ingest and speech run / chats alone", "ms", (Check("value", "<=", 20.0),)
+    ),
 }
 
 

@@ -258,7 +258,7 @@ def daemon_overrides(settings: BenchSettings) -> dict[str, str]:
         "MONGARSD_INFERENCE__PRELOAD": "true",
         "MONGARSD_INFERENCE__QUEUE_DEPTH": "16",
         "MONGARSD_EMBED__PRELOAD": "false",
-        "MONGARSD_MAINTENANCE__ENABLED": "false",
+        "MONGARSD_SOMMEIL__ENABLED": "false",
     }
 
 

@@ -29,11 +29,9 @@ from bench import embed, llm, startup
 from bench.common import REPO, TARGET_IDS, describe_machine, dump_json, finalize, format_table, resolve_settings, skipped_entry
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
-TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11"), "dist": ("P15", "P16")}
+TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11"), "dist": ("P15", "P16"), "mind": ("P17",), "sommeil": ("P14",)}
 LLM_IDS = {"P1", "P2", "P3", "P4", "P5", "P12", "P13"}
-NOT_YET = {
-    "P14": "Sommeil Paradoxal's idle work does not exist yet (issue 15); nothing to measure TTFT against",
-}
+NOT_YET: dict[str, str] = {}
 
 
 @contextmanager

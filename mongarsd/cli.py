@@ -14,7 +14,7 @@ from typing import Any
 
 from mongarsd import __version__
 from mongarsd.cli_common import add_config_args, load_from_args
-from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from mongarsd.const import EVOLUTION_TRIAL_COMMAND, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from mongarsd.errors import ConfigError, MongarsError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -210,8 +210,14 @@ def _domain_registrars() -> list[Callable[..., None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == [EVOLUTION_TRIAL_COMMAND]:
+        # The Evolution Engine's sandboxed trial, in a build that has no `python -m` (PyInstaller).
+        from mongarsd.maintenance import trial
+
+        return trial.main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if args.func is cmd_run and "structlog" not in sys.modules:
         # structlog formats exceptions with rich whenever rich is importable (a test dependency
         # brings it); the daemon logs plain tracebacks, so rich and pygments (3.4 MB resident)

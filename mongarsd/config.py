@@ -190,9 +190,52 @@ class SocialConfig:
 
 
 @dataclass(frozen=True)
-class MaintenanceConfig:
+class SommeilConfig:
+    """Sommeil Paradoxal: preemptible idle-time work (maintenance/sommeil.py)."""
+
     enabled: bool = True
-    idle_after_s: float = 120.0
+    idle_after_s: float = 120.0  # no user request for this long (and the CPU quiet) is idle
+    cpu_idle_pct: float = 50.0  # system CPU use below this counts as quiet
+    check_interval_s: float = 5.0
+    cycle_interval_s: float = 3600.0  # at most one automatic cycle per this
+    consolidate_after_days: float = 7.0  # sessions untouched this long are summarised into long-term memories
+    dedupe_similarity: float = 0.95  # memories of one user closer than this are merged
+    analyze_interval_days: float = 1.0
+    vacuum_interval_days: float = 7.0  # VACUUM rewrites the file: rare, to spare SD cards
+    max_job_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """Evolution Engine: auto-tuning of inference settings in sandboxed trials (maintenance/evolution.py)."""
+
+    enabled: bool = True
+    trial_repeats: int = 5
+    trial_timeout_s: float = 180.0
+    trial_memory_mb: int = 0  # address-space limit of a trial; 0: from the inference memory budget
+    confidence: float = 0.95  # one-sided Mann-Whitney U confidence needed to adopt
+    min_gain: float = 0.03  # and at least this relative gain in median tokens/s
+    regression_margin: float = 0.15  # production tokens/s EWMA this far below the adopted baseline rolls back
+    share: bool = True  # gossip adopted settings to peers of the same board and model
+
+
+@dataclass(frozen=True)
+class SelfTrainingConfig:
+    """SelfTrainingEngine: a recall re-ranker learnt from feedback (maintenance/self_training.py)."""
+
+    enabled: bool = True
+    min_examples: int = 40  # labelled recalls needed before training
+    holdout_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """Energy and heat: joules per request/token and thermal throttling (maintenance/energy.py)."""
+
+    enabled: bool = True
+    hot_c: float = 80.0  # at or above: fewer slots and threads, idle work paused
+    cool_c: float = 70.0  # at or below again: restored
+    cpu_watts: float = 0.0  # CPU-time model when no sensor: watts at full load; 0: from the board profile
 
 
 @dataclass(frozen=True)
@@ -205,7 +248,10 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     hands: HandsConfig = field(default_factory=HandsConfig)
-    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    sommeil: SommeilConfig = field(default_factory=SommeilConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     iris: IrisConfig = field(default_factory=IrisConfig)
     curiosity: CuriosityConfig = field(default_factory=CuriosityConfig)
     voice: VoiceConfig = field(default_factory=VoiceConfig)
@@ -270,7 +316,26 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "mesh.gossip_port": _port,
     "mesh.timing": _choice("lan", "local", "memberlist"),
     "mesh.hop_limit": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
-    "maintenance.idle_after_s": _non_negative,
+    "sommeil.idle_after_s": _non_negative,
+    "sommeil.cpu_idle_pct": lambda v: None if 0.0 < v <= 100.0 else "must be in (0, 100]",
+    "sommeil.check_interval_s": _positive,
+    "sommeil.cycle_interval_s": _non_negative,
+    "sommeil.consolidate_after_days": _non_negative,
+    "sommeil.dedupe_similarity": lambda v: None if 0.5 <= v <= 1.0 else "must be between 0.5 and 1",
+    "sommeil.analyze_interval_days": _non_negative,
+    "sommeil.vacuum_interval_days": _non_negative,
+    "sommeil.max_job_s": _positive,
+    "evolution.trial_repeats": lambda v: None if 3 <= v <= 50 else "must be between 3 and 50",
+    "evolution.trial_timeout_s": _positive,
+    "evolution.trial_memory_mb": _non_negative,
+    "evolution.confidence": lambda v: None if 0.5 <= v < 1.0 else "must be in [0.5, 1)",
+    "evolution.min_gain": _non_negative,
+    "evolution.regression_margin": lambda v: None if 0.0 < v < 1.0 else "must be in (0, 1)",
+    "self_training.min_examples": lambda v: None if v >= 4 else "must be >= 4",
+    "self_training.holdout_fraction": lambda v: None if 0.05 <= v <= 0.5 else "must be between 0.05 and 0.5",
+    "energy.hot_c": lambda v: None if 30.0 <= v <= 120.0 else "must be between 30 and 120",
+    "energy.cool_c": lambda v: None if 20.0 <= v <= 110.0 else "must be between 20 and 110",
+    "energy.cpu_watts": _non_negative,
     "hands.max_rounds": lambda v: None if 0 <= v <= 8 else "must be between 0 and 8",
     "iris.timeout_s": _positive,
     "iris.max_bytes": lambda v: None if 1024 <= v <= 64 << 20 else "must be between 1024 and 67108864",

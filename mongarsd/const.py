@@ -53,3 +53,22 @@ HTTP_KEEPALIVE_TIMEOUT_S: Final = 30.0  # an idle keep-alive connection is close
 HTTP_MAX_CONNECTIONS_PER_CLIENT: Final = 64  # per IPv4 address or IPv6 /64
 HTTP_MAX_CONNECTIONS_TOTAL: Final = 1024  # lowered to RLIMIT_NOFILE minus the reserve below when that is smaller
 HTTP_FD_RESERVE: Final = 128  # descriptors kept for the database, models, mesh sockets and logs
+
+# Probes and reports that are not a user's activity (monitoring polls them all day): they never
+# wake the daemon from Sommeil's idle work.
+PASSIVE_PATHS: Final = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/api/v1/status",
+        "/api/v1/sommeil",
+        "/api/v1/evolution",
+        "/api/v1/self-training",
+        "/api/v1/curiosity",
+        "/openapi.json",
+        "/docs",
+    }
+)
+# The hidden first argument that runs an Evolution Engine trial in a frozen build (no `python -m`).
+EVOLUTION_TRIAL_COMMAND: Final = "_evolution-trial"

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from mongarsd.api.app import AppContext, create_app
+from mongarsd.api.app import AppContext, RequestState, create_app
 from mongarsd.api.connections import ConnectionGuard, ConnectionLimits, GuardedAppRunner, fd_limited_max_total
 from mongarsd.board import BoardInfo
 from mongarsd.cognition.hands import Hands
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from mongarsd.cognition.voice import Voice
     from mongarsd.inference.embed import Embedder
     from mongarsd.inference.manager import InferenceManager
+    from mongarsd.maintenance.energy import EnergyMonitor
+    from mongarsd.maintenance.evolution import EvolutionEngine
+    from mongarsd.maintenance.self_training import SelfTrainingEngine
+    from mongarsd.maintenance.sommeil import Sommeil
     from mongarsd.memory.hippocampus import Hippocampus
     from mongarsd.mesh.service import MeshService
     from mongarsd.social.service import SocialService
@@ -64,6 +68,8 @@ class CoreServices:
     fetcher: Fetcher | None  # Iris (None when [iris] enabled = false)
     ingestor: Ingestor | None
     cortex: Cortex | None  # Curiosity Engine (None without Iris or when [curiosity] enabled = false)
+    energy: EnergyMonitor | None
+    self_training: SelfTrainingEngine | None
 
 
 class InstanceLock:
@@ -316,7 +322,7 @@ class Daemon:
 
     def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service], AppContext]:
         """Wire every service with the collaborators it uses, in start order; build the handlers' context once."""
-        from mongarsd.api import curiosity, ingest, native, ollama, openai, peers, social, speech
+        from mongarsd.api import curiosity, evolution, ingest, native, ollama, openai, peers, self_training, social, sommeil, speech
 
         cfg = self.loaded.config
         db = Database(path=cfg.server.state_dir / DB_FILE, tasks=tasks)
@@ -325,6 +331,9 @@ class Daemon:
         mesh = self._mesh_service(core.manager, db, metrics, tasks)
         voice = self._voice(metrics)
         social_service = self._social(metrics)
+        state = RequestState()
+        evolution_engine = self._evolution(core, db, mesh, metrics, tasks)
+        sommeil_service = self._sommeil(core, db=db, state=state, evolution=evolution_engine, metrics=metrics, tasks=tasks)
         ctx = AppContext(
             loaded=self.loaded,
             board=self.board,
@@ -342,7 +351,12 @@ class Daemon:
             cortex=core.cortex,
             voice=voice,
             social=social_service,
+            sommeil=sommeil_service,
+            evolution=evolution_engine,
+            self_training=core.self_training,
+            energy=core.energy,
             unclean_exits=self.unclean_exits,
+            state=state,
         )
         app = create_app(
             ctx,
@@ -354,6 +368,9 @@ class Daemon:
                 ingest.setup_routes,
                 curiosity.setup_routes,
                 social.setup_routes,
+                sommeil.setup_routes,
+                evolution.setup_routes,
+                self_training.setup_routes,
                 peers.setup_routes,
             ],
         )
@@ -361,12 +378,14 @@ class Daemon:
         services: list[Service] = [
             db,
             BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir),
+            *(svc for svc in (core.energy,) if svc is not None),
             core.embedder,
+            *(svc for svc in (evolution_engine,) if svc is not None),  # before inference: the preload uses adopted settings
             core.manager,
             core.hippocampus,
-            *(svc for svc in (core.fetcher, core.ingestor, core.cortex) if svc is not None),
+            *(svc for svc in (core.self_training, core.fetcher, core.ingestor, core.cortex) if svc is not None),
             core.pipeline,
-            *(svc for svc in (voice, social_service) if svc is not None),
+            *(svc for svc in (voice, social_service, sommeil_service) if svc is not None),
             mesh,
             self.http,
             *self._edge_services(ctx),
@@ -402,6 +421,14 @@ class Daemon:
             db=db, embedder=embedder, purge_interval_s=cfg.memory.purge_interval_s, default_ttl_days=cfg.memory.default_ttl_days
         )
         fetcher, ingestor, cortex = self._iris(hippocampus, metrics)
+        energy = self._energy(manager, metrics)
+        self_training = None
+        if cfg.self_training.enabled:
+            from mongarsd.maintenance.self_training import SelfTrainingEngine
+
+            self_training = SelfTrainingEngine(config=cfg.self_training, db=db)
+            hippocampus.set_reranker(self_training.rerank)
+            metrics.add_source(self_training.metrics)
         pipeline = ConversationPipeline(
             hippocampus=hippocampus,
             llm=manager,
@@ -416,6 +443,8 @@ class Daemon:
             max_tool_rounds=cfg.hands.max_rounds,
             cortex=cortex,
             research_budget_s=cfg.curiosity.research_budget_s,
+            self_training=self_training,
+            energy=energy,
         )
         metrics.add_source(hippocampus.metrics)
         metrics.add_source(pipeline.metrics)
@@ -431,7 +460,75 @@ class Daemon:
             fetcher=fetcher,
             ingestor=ingestor,
             cortex=cortex,
+            energy=energy,
+            self_training=self_training,
         )
+
+    def _energy(self, manager: InferenceManager, metrics: Metrics) -> EnergyMonitor | None:
+        """Joules and heat; when hot, fewer slots and threads (and Sommeil pauses, reading `hot`)."""
+        from mongarsd.maintenance.energy import EnergyMonitor
+
+        cfg = self.loaded.config
+        if not cfg.energy.enabled:
+            return None
+        energy = EnergyMonitor(config=cfg.energy, board=self.board, on_hot=manager.set_thermal_limit)
+        metrics.add_source(energy.metrics)
+        self.loops.append(("energy-sample", energy.async_sample_loop))
+        return energy
+
+    def _evolution(
+        self, core: CoreServices, db: Database, mesh: MeshService, metrics: Metrics, tasks: TaskSupervisor
+    ) -> EvolutionEngine | None:
+        """The auto-tuner of the default model's settings (its trials run in Sommeil's idle time)."""
+        from mongarsd.maintenance.evolution import EvolutionEngine
+
+        cfg = self.loaded.config
+        if not cfg.evolution.enabled or not cfg.sommeil.enabled:
+            return None
+        engine = EvolutionEngine(
+            config=cfg.evolution,
+            inference=cfg.inference,
+            db=db,
+            board=self.board,
+            model_id=cfg.inference.default_model,
+            manager=core.manager,
+            mesh=mesh,
+            tasks=tasks,
+        )
+        metrics.add_source(engine.metrics_source)
+        return engine
+
+    def _sommeil(
+        self,
+        core: CoreServices,
+        *,
+        db: Database,
+        state: RequestState,
+        evolution: EvolutionEngine | None,
+        metrics: Metrics,
+        tasks: TaskSupervisor,
+    ) -> Sommeil:
+        """Idle-time work: built even when disabled, so that its route says so."""
+        from mongarsd.maintenance.jobs import builtin_jobs
+        from mongarsd.maintenance.sommeil import Sommeil
+
+        cfg = self.loaded.config
+        energy = core.energy
+        sommeil = Sommeil(
+            config=cfg.sommeil,
+            state=state,
+            db=db,
+            tasks=tasks,
+            energy_hot=(lambda: energy.hot) if energy is not None else None,
+            jobs=builtin_jobs(cfg.sommeil, hippocampus=core.hippocampus, llm=core.manager, db=db),
+        )
+        if evolution is not None:
+            sommeil.add_job(evolution.job(), before="db_upkeep")
+        if core.self_training is not None:
+            sommeil.add_job(core.self_training.job(), before="db_upkeep")
+        metrics.add_source(sommeil.metrics)
+        self.loops.append(("sommeil", sommeil.async_loop))
+        return sommeil
 
     def _iris(self, hippocampus: Hippocampus, metrics: Metrics) -> tuple[Fetcher | None, Ingestor | None, Cortex | None]:
         """Iris (fetcher and ingester) and the Curiosity Engine that researches through it, as configured."""

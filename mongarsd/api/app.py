@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from mongarsd.config import Config
     from mongarsd.inference.embed import Embedder
     from mongarsd.inference.manager import InferenceManager
+    from mongarsd.maintenance.energy import EnergyMonitor
+    from mongarsd.maintenance.evolution import EvolutionEngine
+    from mongarsd.maintenance.self_training import SelfTrainingEngine
+    from mongarsd.maintenance.sommeil import Sommeil
     from mongarsd.memory.hippocampus import Hippocampus
     from mongarsd.mesh.service import MeshService
     from mongarsd.social.service import SocialService
@@ -39,6 +43,25 @@ class RequestState:
     ready: bool = False
     inflight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: int = 0  # requests in flight that are a user's work (not PASSIVE_PATHS)
+    last_activity: float = 0.0  # time.monotonic() when the last such request started or ended; 0: none yet
+    # Called (on the loop, must not block) with True when work starts on an idle daemon and False
+    # when the last piece of work ends: Sommeil pauses its idle work on True.
+    listeners: list[Callable[[bool], None]] = field(default_factory=list)
+
+    def work_started(self) -> None:
+        self.busy += 1
+        self.last_activity = time.monotonic()
+        if self.busy == 1:
+            for listener in list(self.listeners):
+                listener(True)
+
+    def work_ended(self) -> None:
+        self.busy -= 1
+        self.last_activity = time.monotonic()
+        if self.busy == 0:
+            for listener in list(self.listeners):
+                listener(False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +88,10 @@ class AppContext:
     cortex: Cortex | None = None  # Curiosity Engine: research for knowledge gaps
     voice: Voice | None = None  # Bouche's voice: speech synthesis
     social: SocialService | None = None  # vault and Mastodon-compatible posting
+    sommeil: Sommeil | None = None  # idle-time work
+    evolution: EvolutionEngine | None = None  # auto-tuning
+    self_training: SelfTrainingEngine | None = None  # recall re-ranker from feedback
+    energy: EnergyMonitor | None = None  # joules and heat
     version: str = __version__
     started_at: float = field(default_factory=time.time)
     unclean_exits: int = 0  # previous runs on this state dir that ended without a clean stop

@@ -122,6 +122,11 @@ async def async_chat_events(
                 async for event in agen:
                     if isinstance(event, TokenEvent) and event.finish_reason == FINISH_REPEATED:
                         break
+                    if isinstance(event, TokenEvent) and event.timings is not None and ctx.evolution is not None:
+                        # production decode speed: a regression below the adopted tuning rolls it back
+                        ctx.evolution.observe_production(
+                            event.timings.predicted_per_second, tokens=event.timings.predicted_n, model=lease.entry.id
+                        )
                     yield event
                 else:
                     return

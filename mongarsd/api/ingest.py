@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +23,8 @@ MAX_TITLE_CHARS: Final = 300
 MAX_SOURCE_CHARS: Final = 2048
 MAX_URL_CHARS: Final = 2048
 TEXT_CONTENT_TYPES: Final = ("text/plain", "text/markdown", "text/html")
+DATA_CONTENT_TYPES: Final = (*TEXT_CONTENT_TYPES, "application/pdf")  # a file's bytes, base64 in 'data'
+DATA_SOURCE_PREFIX: Final = "data:"
 TEXT_SOURCE_PREFIX: Final = "text:"
 
 
@@ -79,11 +83,11 @@ def _body_response(owner: str, results: list[IngestResult]) -> dict[str, Any]:
 
 
 def _one_target(body: Mapping[str, Any]) -> str:
-    given = [k for k in ("url", "path", "text") if body.get(k) is not None]
+    given = [k for k in ("url", "path", "text", "data") if body.get(k) is not None]
     if len(given) != 1:
         raise ValidationError(
-            "give exactly one of 'url' (a page to fetch), 'path' (a file or folder on the daemon's host, admins) or 'text'"
-            + (f"; got {', '.join(given)}" if given else ""),
+            "give exactly one of 'url' (a page to fetch), 'path' (a file or folder on the daemon's host, admins), 'text' "
+            "or 'data' (a file's bytes in base64, with its content_type)" + (f"; got {', '.join(given)}" if given else ""),
             param="body",
         )
     return given[0]
@@ -111,6 +115,8 @@ async def handle_ingest(request: web.Request) -> web.Response:
         if not path.is_absolute():
             raise ValidationError(f"'path' must be an absolute path on the daemon's host, got {raw[:200]!r}", param="path")
         results = await ingestor.async_ingest_path(path, owner=owner)
+    elif target == "data":
+        results = [await _async_ingest_data(ingestor, body, owner)]
     else:
         text = get_str(body, "text", allow_empty=False) or ""
         title = get_str(body, "title", default="", max_len=MAX_TITLE_CHARS) or ""
@@ -124,6 +130,21 @@ async def handle_ingest(request: web.Request) -> web.Response:
             source = TEXT_SOURCE_PREFIX + fingerprint(text)[:16]
         results = [await ingestor.async_ingest_bytes(data, content_type + "; charset=utf-8", source=source, owner=owner, title=title)]
     return json_response(_body_response(owner, results), status=201)
+
+
+async def _async_ingest_data(ingestor: Ingestor, body: Mapping[str, Any], owner: str) -> IngestResult:
+    """A file sent by the client (`mongarsd ingest FILE` sends small files this way): base64 bytes and their type."""
+    raw = get_str(body, "data", allow_empty=False) or ""
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except ValueError:  # binascii.Error, or characters outside ASCII
+        raise ValidationError("'data' must be base64 (the file's bytes)", param="data") from None
+    content_type = get_str(body, "content_type", max_len=64, allow_empty=False)
+    if content_type not in DATA_CONTENT_TYPES:
+        raise ValidationError("'content_type' must be one of " + ", ".join(DATA_CONTENT_TYPES) + " with 'data'", param="content_type")
+    title = get_str(body, "title", default="", max_len=MAX_TITLE_CHARS) or ""
+    source = (get_str(body, "source", max_len=MAX_SOURCE_CHARS) or "").strip() or DATA_SOURCE_PREFIX + hashlib.sha256(data).hexdigest()[:16]
+    return await ingestor.async_ingest_bytes(data, content_type, source=source, owner=owner, title=title)
 
 
 async def handle_list(request: web.Request) -> web.Response:

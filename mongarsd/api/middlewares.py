@@ -17,7 +17,7 @@ from mongarsd.api.errors import error_response
 from mongarsd.api.forwarding import async_authenticate_peer
 from mongarsd.api.streaming import CLIENT_CLOSED_STATUS
 from mongarsd.api.validation import validation_middleware
-from mongarsd.const import TOKEN_PREFIX
+from mongarsd.const import PASSIVE_PATHS, TOKEN_PREFIX
 from mongarsd.errors import (
     AuthError,
     ContextOverflowError,
@@ -93,6 +93,9 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
         t0 = time.monotonic()
         ctx.state.inflight += 1
         ctx.state.drained.clear()
+        work = request.path not in PASSIVE_PATHS
+        if work:
+            ctx.state.work_started()
         status = 500
         try:
             resp = await _translate(request, handler)
@@ -104,6 +107,8 @@ def build_middlewares(ctx: AppContext) -> list[Callable[..., Awaitable[web.Strea
             ctx.state.inflight -= 1
             if ctx.state.inflight == 0:
                 ctx.state.drained.set()
+            if work:
+                ctx.state.work_ended()
             route = _route_label(request)
             ctx.metrics.http_requests.labels(route, request.method, str(status)).inc()
             ctx.metrics.http_latency.labels(route).observe(time.monotonic() - t0)

@@ -66,6 +66,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "event_loop_lag": ctx.metrics.loop_lag_summary(),
         "inflight_requests": ctx.state.inflight,
         "unclean_exits": ctx.unclean_exits,
+        "energy": ctx.energy.status() if ctx.energy is not None else None,
     }
     return json_response(body)
 

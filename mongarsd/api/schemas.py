@@ -838,6 +838,7 @@ CHAT_RESULT_EXTRAS: Final[Mapping[str, JSON]] = {
         obj({"source": STR, "title": STR, "kind": {"enum": ["document", "research"]}, "fetched_at": NUM}, "source", "title", "kind"),
         description="ingested documents and research the answer drew on (also named at the end of the answer)",
     ),
+    "energy": t("object", "null", description="this turn's joules, joules per token and their source (rapl, ina3221, pmic, cpu-model)"),
     "research": t(
         "object",
         "null",
@@ -937,6 +938,11 @@ STATUS = obj(
         "event_loop_lag": t("object"),
         "inflight_requests": INT,
         "unclean_exits": INT,
+        "energy": t(
+            "object",
+            "null",
+            description="energy source (rapl, ina3221, pmic or cpu-model), joules so far, last joules per token, temperature, throttling",
+        ),
     },
     "name",
     "version",
@@ -1025,14 +1031,19 @@ INGEST_REQUEST = obj(
         "url": t("string", maxLength=2048, description="a page Iris may fetch (iris.urls allowlist)"),
         "path": t("string", maxLength=4096, description="a file or folder on the daemon's host (admins only)"),
         "text": t("string", minLength=1, description="the document itself"),
+        "data": t("string", minLength=1, description="a file's bytes in base64 (txt, md, html or pdf: say which in content_type)"),
         "title": t("string", maxLength=300),
         "source": t("string", maxLength=2048, description="where the text comes from (named in answers)"),
-        "content_type": t("string", enum=["text/plain", "text/markdown", "text/html"], description="of text; default text/plain"),
+        "content_type": t(
+            "string",
+            enum=["text/plain", "text/markdown", "text/html", "application/pdf"],
+            description="of text (default text/plain) or data (required; pdf only with data)",
+        ),
         "shared": t("boolean", "null", description="admins: a document every user's recall sees"),
         "user": t("string", description="admins: store it for this user"),
     },
     title="IngestRequest",
-    description="exactly one of url, path or text",
+    description="exactly one of url, path, text or data",
 )
 DOCUMENT = obj(
     {
@@ -1475,6 +1486,66 @@ ROUTE_MODELS: Final[Mapping[tuple[str, str], RouteModel]] = {
             Param("status", t("string", enum=["open", "running", "done", "nothing_found", "failed"]), "only this status"),
         ),
         errors=(400, 503),
+    ),
+    # Sommeil, the Evolution Engine and the SelfTrainingEngine (admin actions; reports for every role)
+    ("GET", "/api/v1/sommeil"): RouteModel(
+        "Idle-time work: state, the current job, the last runs and what they did",
+        "admin",
+        {200: json_reply("Sommeil", obj({"state": STR, "status": t("object"), "runs": arr(t("object"))}, "state", "status", "runs"))},
+        query=(Param("limit", t("integer", minimum=1, maximum=200, default=20), "how many runs, newest first"),),
+        errors=(400, 503),
+    ),
+    ("POST", "/api/v1/sommeil/run"): RouteModel(
+        "Start a Sommeil cycle now (still paused the moment a request arrives)",
+        "admin",
+        {202: json_reply("Started", obj({"started": BOOL, "cycle": INT}, "started", "cycle"))},
+        errors=(409, 503),
+        description="409: a cycle is already running, or Sommeil is disabled by configuration.",
+    ),
+    ("GET", "/api/v1/evolution"): RouteModel(
+        "Auto-tuning: the active settings, every version with its measurements, the trials and why",
+        "admin",
+        {
+            200: json_reply(
+                "Evolution history",
+                obj(
+                    {"enabled": BOOL, "active": t("object", "null"), "versions": arr(t("object")), "trials": arr(t("object"))},
+                    "active",
+                    "versions",
+                    "trials",
+                ),
+            )
+        },
+        query=(Param("trials", t("integer", minimum=1, maximum=200, default=20), "how many trials, newest first"),),
+        errors=(400, 503),
+    ),
+    ("POST", "/api/v1/evolution/rollback"): RouteModel(
+        "Go back to the previous tuned settings",
+        "admin",
+        {200: json_reply("Rolled back", obj({"rolled_back": BOOL, "active": t("object")}, "rolled_back", "active"))},
+        request=obj({"reason": t("string", maxLength=200)}, title="EvolutionRollback"),
+        errors=(400, 409, 503),
+    ),
+    ("GET", "/api/v1/self-training"): RouteModel(
+        "The recall re-ranker learnt from feedback: the active version and every trained one with its held-out scores",
+        "admin",
+        {
+            200: json_reply(
+                "Re-ranker versions",
+                obj({"enabled": BOOL, "active": t("object", "null"), "versions": arr(t("object"))}, "active", "versions"),
+            )
+        },
+        errors=(503,),
+    ),
+    ("POST", "/api/v1/self-training/rollback"): RouteModel(
+        "Go back to the previous re-ranker (or the plain fused order)",
+        "admin",
+        {
+            200: json_reply(
+                "Rolled back", obj({"rolled_back": INT, "active": t("object", "null"), "versions": arr(t("object"))}, "rolled_back")
+            )
+        },
+        errors=(409, 503),
     ),
     # social (admin)
     ("GET", "/api/v1/social/accounts"): RouteModel(

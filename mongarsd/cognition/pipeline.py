@@ -58,6 +58,8 @@ from mongarsd.sanitize import clean_text
 
 if TYPE_CHECKING:
     from mongarsd.cognition.cortex import Cortex
+    from mongarsd.maintenance.energy import EnergyMonitor
+    from mongarsd.maintenance.self_training import SelfTrainingEngine
 
 log = structlog.get_logger("mongarsd.cognition.pipeline")
 
@@ -124,6 +126,7 @@ class ChatResult:
     hands_used: list[dict[str, Any]] = field(default_factory=list)  # Mains Virtuelles calls run for this answer
     sources: list[dict[str, Any]] = field(default_factory=list)  # documents and research the answer drew on
     research: dict[str, Any] | None = None  # research the Curiosity Engine started for this turn
+    energy: dict[str, Any] | None = None  # joules of this turn's generation and their source
 
     @property
     def processing_time_ms(self) -> float:
@@ -146,6 +149,7 @@ class ChatResult:
             "hands_used": self.hands_used,
             "sources": self.sources,
             "research": self.research,
+            "energy": self.energy,
         }
 
 
@@ -302,6 +306,8 @@ class ConversationPipeline:
         max_tool_rounds: int = MAX_TOOL_ROUNDS,
         cortex: Cortex | None = None,
         research_budget_s: float = 0.0,
+        self_training: SelfTrainingEngine | None = None,
+        energy: EnergyMonitor | None = None,
     ) -> None:
         self.hippocampus = hippocampus
         self.llm = llm
@@ -319,6 +325,8 @@ class ConversationPipeline:
         self.max_tool_rounds = max_tool_rounds
         self.cortex = cortex
         self.research_budget_s = research_budget_s
+        self.self_training = self_training
+        self.energy = energy
         self.turns_total = 0
         self.failures_total = 0
         self.degraded_total: dict[str, int] = {}
@@ -517,7 +525,8 @@ class ConversationPipeline:
         client_calls: list[ToolCall] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
         hand_ctx = HandContext(user=user, role=role, hippocampus=self.hippocampus, board=self.board, timezone=self.timezone)
-        async with self._async_engine(model, timings) as (engine, model_id):
+        energy: dict[str, Any] = {}
+        async with self._async_energy(usage, energy), self._async_engine(model, timings) as (engine, model_id):
             template = engine.chat_template
             native = template is not None and not template.is_fallback and template_supports_tools(template.source)
             n_ctx = context_limit(spec, int(engine.n_ctx_per_slot))
@@ -612,6 +621,10 @@ class ConversationPipeline:
             store_user=not continuation,
         )
         timings["persist"] = _ms(t0)
+        if self.self_training is not None and not continuation:
+            # which memories this answer was given: feedback on it teaches the recall re-ranker
+            kept = {m["id"] for m in memories}
+            await self.self_training.async_log_recall(user, stored.assistant_message_id, [h for h in recall.hits if h.memory.id in kept])
         timings["total"] = _ms(t_start)
         self.turns_total += 1
         for stage, ms in timings.items():
@@ -652,6 +665,7 @@ class ConversationPipeline:
             hands_used=hands_used,
             sources=sources,
             research=research,
+            energy=energy or None,
         )
 
     async def _async_research(
@@ -669,7 +683,7 @@ class ConversationPipeline:
             if handle is None:
                 return recall, None
             finished = self.research_budget_s > 0 and await self.cortex.async_wait(handle, self.research_budget_s)
-            info: dict[str, Any] = {"id": handle.research_id, "query": handle.query, "status": "done" if finished else "running"}
+            info: dict[str, Any] = {"id": handle.research_id, "query": handle.query, "status": handle.status if finished else "running"}
             if finished:
                 again = await self._async_stage("recall", self.hippocampus.async_recall(user, text, self.recall_k), timings, degraded)
                 if again is not None:
@@ -771,6 +785,23 @@ class ConversationPipeline:
         finally:
             timings[name] = _ms(t0)
         return None
+
+    @contextlib.asynccontextmanager
+    async def _async_energy(self, usage: Mapping[str, int], out: dict[str, Any]) -> AsyncIterator[None]:
+        """Account the energy of the generation inside: joules (and per token) into OUT, with their source."""
+        if self.energy is None:
+            yield
+            return
+        mark = self.energy.begin()
+        done = False
+        try:
+            yield
+            done = True
+        finally:
+            try:
+                out.update(await self.energy.async_end(mark, tokens=int(usage["completion_tokens"]) if done else 0))
+            except MongarsError as err:  # energy is a report: it never fails a turn
+                log.warning("energy_account_failed", error=str(err))
 
     @contextlib.asynccontextmanager
     async def _async_engine(self, model: str | None, timings: dict[str, float]) -> AsyncIterator[tuple[LlamaEngine, str]]:

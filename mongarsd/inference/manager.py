@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,10 @@ BUDGET_FRACTION_OF_RAM = 0.6  # memory_budget_mb = 0: this share of the board's 
 COMPUTE_OVERHEAD_MB = 48.0  # compute buffers, batch, sampler state per loaded model (measured ~30-40 MB for SmolLM2)
 BUSY_RETRY_AFTER_S = 5.0
 IDLE_TASK = "inference-idle"
+# Engine settings the Evolution Engine may override for later loads (maintenance/evolution.py).
+OVERRIDABLE_SETTINGS = frozenset(
+    {"threads", "threads_batch", "n_batch", "n_ubatch", "kv_cache_type", "flash_attn", "use_mmap", "use_mlock", "slots"}
+)
 
 
 class EngineFactory(Protocol):
@@ -166,6 +171,20 @@ def effective_budget_mb(memory_budget_mb: int, ram_mb: int) -> float:
     return ram_mb * BUDGET_FRACTION_OF_RAM
 
 
+def set_engine_threads(engine: Any, threads: int, threads_batch: int) -> bool:
+    """Change a loaded engine's thread counts for its next decodes; False where llama.cpp cannot.
+
+    Call only while the engine decodes nothing: llama.cpp reads the counts at each decode.
+    """
+    llama = getattr(engine, "_llama", None)  # LlamaEngine's LlamaContext (fakes in tests have none)
+    lib = getattr(llama, "lib", None)
+    ctx = getattr(llama, "ctx", None)
+    if lib is None or ctx is None or not hasattr(lib, "llama_set_n_threads"):
+        return False
+    lib.llama_set_n_threads(ctx, threads, threads_batch)
+    return True
+
+
 def iso_time(ts: float) -> str:
     """Format a UNIX time as RFC 3339 with the local offset, like Ollama."""
     return datetime.fromtimestamp(ts, tz=UTC).astimezone().isoformat()
@@ -189,6 +208,8 @@ class LoadedModel:
     pinned: bool = False
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    stale: bool = False  # loaded with settings since overridden: unloaded once idle
+    threads_now: tuple[int, int] = (0, 0)  # (threads, threads_batch) set at runtime; (0, 0): as loaded
 
     @property
     def busy(self) -> bool:
@@ -255,6 +276,11 @@ class InferenceManager:
             threads = recommended_threads(board)
         # every engine gets the same resolved thread counts
         self.engine_settings = replace(engine, threads=threads, threads_batch=engine.threads_batch if engine.threads_batch > 0 else threads)
+        self._configured = self.engine_settings
+        self._batch_follows_threads = engine.threads_batch <= 0
+        self.overrides: dict[str, Any] = {}
+        self.thermal_hot = False
+        self._capacity = asyncio.Event()  # set when a lease ends or the board cools (thermal admission)
         self.keep_alive_s = FOREVER_S if keep_alive_s < 0 else keep_alive_s
         ram_mb = board.ram_mb if board is not None and board.ram_mb > 0 else int(psutil.virtual_memory().total / 2**20)
         self.budget_mb = effective_budget_mb(memory_budget_mb, ram_mb)
@@ -382,12 +408,16 @@ class InferenceManager:
         t0 = time.monotonic()
         was_loaded = entry.id in self._models
         lm = await self._async_get_loaded(entry)
+        if self.thermal_hot:
+            await self._async_thermal_admit(lm)
+        self._apply_threads(lm)
         load_s = 0.0 if was_loaded else time.monotonic() - t0
         lm.active += 1
         try:
             yield Lease(entry=entry, engine=lm.engine, load_s=load_s)
         finally:
             lm.active -= 1
+            self._capacity.set()
             self._touch(lm, keep_alive_s)
 
     async def async_engine(self, model_id: str, *, keep_alive_s: float | None = None) -> LlamaEngine:
@@ -415,6 +445,92 @@ class InferenceManager:
                 return False
             await self._async_unload_locked(entry.id, reason="requested")
             return True
+
+    async def async_apply_overrides(self, overrides: Mapping[str, Any]) -> list[str]:
+        """Load every model from now on with the configured settings plus `overrides`; return the ids unloaded now.
+
+        Idle models are unloaded at once so that their next lease loads them with the new
+        settings; a model that is generating is marked and unloaded once idle, never interrupted.
+        An empty mapping restores the configured settings. ValidationError for an unknown key or
+        a value EngineSettings refuses.
+        """
+        unknown = sorted(set(overrides) - OVERRIDABLE_SETTINGS)
+        if unknown:
+            raise ValidationError("settings that cannot be overridden: " + ", ".join(unknown), param="overrides")
+        values = dict(overrides)
+        for key, value in values.items():
+            expected = type(getattr(self._configured, key))
+            if type(value) is not expected:  # bool is an int subclass: compare exact types
+                raise ValidationError("setting " + key + " must be of type " + expected.__name__, param="overrides")
+        if "threads" in values and "threads_batch" not in values and self._batch_follows_threads:
+            values["threads_batch"] = values["threads"]
+        settings = replace(self._configured, **values)  # EngineSettings checks slots and the KV cache type
+        if settings.threads < 1 or settings.threads_batch < 1 or settings.n_batch < 1 or settings.n_ubatch < 1:
+            raise ValidationError("threads, threads_batch, n_batch and n_ubatch must be >= 1", param="overrides")
+        self.overrides = dict(overrides)
+        self.engine_settings = settings
+        unloaded: list[str] = []
+        async with self._load_lock:
+            for model_id, lm in list(self._models.items()):
+                if lm.engine.settings == settings:
+                    lm.stale = False
+                elif lm.busy:
+                    lm.stale = True
+                else:
+                    await self._async_unload_locked(model_id, reason="settings_changed")
+                    unloaded.append(model_id)
+        self._wake.set()
+        log.info("engine_overrides_applied", overrides=self.overrides, unloaded=unloaded)
+        return unloaded
+
+    def set_thermal_limit(self, hot: bool) -> None:
+        """While hot, admit at most half the slots (at least one) per model and start generations with half the threads.
+
+        Requests over the limit wait for a lease to end (at most LOAD_WAIT_S, then 503). The
+        thread count changes between decodes only (llama_set_n_threads on an idle model, or at
+        a model's next lease once it is idle); both are restored when cool.
+        """
+        if hot == self.thermal_hot:
+            return
+        self.thermal_hot = hot
+        log.info("inference_thermal_limit", hot=hot)
+        for lm in list(self._models.values()):
+            self._apply_threads(lm)
+        self._capacity.set()
+
+    def thermal_slots(self, lm: LoadedModel) -> int:
+        """Return how many leases of a model may generate at once now (all of them when cool)."""
+        slots = max(int(getattr(lm.engine, "slots", 1)), 1)
+        return max(1, slots // 2) if self.thermal_hot else slots
+
+    async def _async_thermal_admit(self, lm: LoadedModel) -> None:
+        deadline = time.monotonic() + LOAD_WAIT_S
+        while self.thermal_hot and lm.active >= self.thermal_slots(lm):
+            self._capacity.clear()
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self._capacity.wait(), timeout=remaining)
+            except TimeoutError:
+                raise OverloadedError(
+                    "the board is hot: model " + lm.entry.id + " runs fewer requests at once; retry shortly",
+                    retry_after_s=BUSY_RETRY_AFTER_S,
+                    status=503,
+                ) from None
+
+    def _apply_threads(self, lm: LoadedModel) -> None:
+        """Set the model's thread counts for the thermal state, only while no decode can run."""
+        es = lm.engine.settings
+        cpus = os.cpu_count() or 1  # threads 0 means every CPU (LlamaContext)
+        full = (es.threads if es.threads > 0 else cpus, es.threads_batch if es.threads_batch > 0 else cpus)
+        want = (max(1, full[0] // 2), max(1, full[1] // 2)) if self.thermal_hot else full
+        current = lm.threads_now if lm.threads_now != (0, 0) else full
+        if want == current or lm.active > 0 or lm.busy:
+            return
+        if set_engine_threads(lm.engine, *want):
+            lm.threads_now = want
+            log.info("model_threads_set", model=lm.entry.id, threads=want[0], threads_batch=want[1], hot=self.thermal_hot)
 
     def decode_totals(self) -> tuple[float, float]:
         """Tokens decoded and seconds spent decoding, summed over the loaded engines (for the mesh's rate)."""
@@ -591,13 +707,13 @@ class InferenceManager:
         while True:
             self._wake.clear()
             now = time.monotonic()
-            expired = [m.entry.id for m in self._models.values() if m.expires_at <= now and not m.busy]
+            expired = [m.entry.id for m in self._models.values() if (m.expires_at <= now or m.stale) and not m.busy]
             if expired:
                 async with self._load_lock:
                     for model_id in expired:
                         lm = self._models.get(model_id)
-                        if lm is not None and lm.expires_at <= time.monotonic() and not lm.busy:
-                            await self._async_unload_locked(model_id, reason="keep_alive")
+                        if lm is not None and (lm.expires_at <= time.monotonic() or lm.stale) and not lm.busy:
+                            await self._async_unload_locked(model_id, reason="settings_changed" if lm.stale else "keep_alive")
                 continue
             pending = [m.expires_at - now for m in self._models.values() if not math.isinf(m.expires_at)]
             # a busy model past its expiry is checked again shortly after its requests end

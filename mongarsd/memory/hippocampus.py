@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Protocol
 
@@ -365,6 +365,7 @@ class Hippocampus:
     ) -> None:
         self._db = db
         self._embedder = embedder
+        self._reranker: Callable[[list[RecallHit]], list[RecallHit]] | None = None
         self.purge_interval_s = purge_interval_s
         self.default_ttl_days = default_ttl_days
         self.dim = embedder.dim if embedder is not None else dim
@@ -417,6 +418,10 @@ class Hippocampus:
     @property
     def db(self) -> Database:
         return self._db
+
+    def set_reranker(self, reranker: Callable[[list[RecallHit]], list[RecallHit]] | None) -> None:
+        """Reorder every recall's hits with RERANKER (sync, no I/O), or not at all with None."""
+        self._reranker = reranker
 
     def set_embedder(self, embedder: Embedder | None) -> None:
         """Attach the embedder once it exists (the daemon may build it after this service)."""
@@ -712,6 +717,8 @@ class Hippocampus:
         vrank = {i: r for r, i in enumerate(vec_ranking, start=1)}
         trank = {i: r for r, i in enumerate(text_ranking, start=1)}
         hits = [RecallHit(by_id[i], score, sims.get(i), vrank.get(i), trank.get(i)) for i, score in fused if i in by_id][:k]
+        if self._reranker is not None and len(hits) > 1:
+            hits = self._reranker(hits)  # the SelfTrainingEngine's learnt order (only ever these hits)
         timings["total"] = (time.perf_counter() - t0) * 1000
         return RecallResult(hits, status, reason, timings)
 

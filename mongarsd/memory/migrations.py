@@ -172,6 +172,59 @@ MIGRATIONS: list[str] = [
     ) STRICT;
     CREATE INDEX research_user ON research(user, id);
     """,
+    # 6: Sommeil's runs, the Evolution Engine's versions and trials, the SelfTrainingEngine's
+    # re-ranker versions and the recall log that feedback labels (owner: maintenance)
+    """
+    CREATE TABLE sommeil_runs (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        job          TEXT NOT NULL,
+        started_at   REAL NOT NULL,
+        finished_at  REAL,
+        status       TEXT NOT NULL CHECK (status IN ('running', 'done', 'paused', 'cancelled', 'failed', 'skipped')),
+        summary      TEXT NOT NULL DEFAULT '{}'
+    ) STRICT;
+    CREATE INDEX sommeil_runs_job ON sommeil_runs(job, id);
+    CREATE TABLE evolution_versions (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at   REAL NOT NULL,
+        settings     TEXT NOT NULL,
+        measurements TEXT NOT NULL DEFAULT '{}',
+        reason       TEXT NOT NULL DEFAULT '',
+        origin       TEXT NOT NULL DEFAULT 'local',
+        board        TEXT NOT NULL DEFAULT '',
+        model        TEXT NOT NULL DEFAULT '',
+        active       INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1))
+    ) STRICT;
+    CREATE TABLE evolution_trials (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at   REAL NOT NULL,
+        settings     TEXT NOT NULL,
+        samples      TEXT NOT NULL DEFAULT '[]',
+        baseline     TEXT NOT NULL DEFAULT '[]',
+        p_value      REAL,
+        outcome      TEXT NOT NULL,
+        reason       TEXT NOT NULL DEFAULT '',
+        origin       TEXT NOT NULL DEFAULT 'local'
+    ) STRICT;
+    CREATE TABLE reranker_versions (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at   REAL NOT NULL,
+        weights      TEXT NOT NULL,
+        metrics      TEXT NOT NULL DEFAULT '{}',
+        reason       TEXT NOT NULL DEFAULT '',
+        active       INTEGER NOT NULL DEFAULT 0 CHECK (active IN (0, 1))
+    ) STRICT;
+    CREATE TABLE recall_log (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        user         TEXT NOT NULL,
+        message_id   INTEGER NOT NULL,
+        memory_id    INTEGER NOT NULL,
+        rank         INTEGER NOT NULL,
+        features     TEXT NOT NULL,
+        created_at   REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX recall_log_message ON recall_log(user, message_id);
+    """,
 ]
 
 

@@ -18,7 +18,7 @@ import importlib
 import ipaddress
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -131,6 +131,7 @@ class MeshService:
         self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._pending: dict[str, list[float]] = {}  # peer -> wall-clock starts of forwards in flight
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
+        self._message_listeners: list[Callable[[dict[str, Any]], bool]] = []
         self.counters: Counter[str] = Counter()
         self.forward_failures: Counter[str] = Counter()
         self.forwards: Counter[str] = Counter()
@@ -340,11 +341,27 @@ class MeshService:
 
     # --- messages -----------------------------------------------------------------------------
 
+    def add_message_listener(self, listener: Callable[[dict[str, Any]], bool]) -> None:
+        """Show every received message to `listener` (loop-only, must not raise or block).
+
+        A listener that returns True has consumed the message (a service's own payload, e.g.
+        the Evolution Engine's signed tuning results): it does not go to the admins' inbox.
+        """
+        self._message_listeners.append(listener)
+
+    def remove_message_listener(self, listener: Callable[[dict[str, Any]], bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._message_listeners.remove(listener)
+
     def receive_message(self, *, sender: str, user: str, message: Any) -> dict[str, Any]:
         item = {"from": sender, "user": user, "received_at": time.time(), "message": message}
-        self.inbox.append(item)
         self.counters["messages_received"] += 1
         log.info("mesh_message_received", sender=sender, user=user)
+        for listener in list(self._message_listeners):
+            if listener(item):
+                self.counters["messages_consumed"] += 1
+                return item
+        self.inbox.append(item)
         return item
 
     async def async_send_message(self, node_id: str, message: Any, *, user: str) -> int:

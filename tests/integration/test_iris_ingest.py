@@ -536,9 +536,16 @@ async def test_cli_ingests_through_the_running_daemon(api: Api) -> None:
     code = await asyncio.to_thread(run_ingest, args(str(api.docs / "lighthouse.txt"), user="alice", json=True), out, io.StringIO())
     assert code == 0 and json.loads(out.getvalue())["owner"] == "alice"
 
+    # a small file travels in the request: a user may ingest their own, and its problems are named
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(run_ingest, args(str(api.docs / "lighthouse.txt"), token=api.alice, json=True), out, err)
+    assert code == 0 and json.loads(out.getvalue())["owner"] == "alice", err.getvalue()
     err = io.StringIO()
     code = await asyncio.to_thread(run_ingest, args(str(api.docs / "bad.pdf"), token=api.alice), io.StringIO(), err)
-    assert code == 1 and "error 403" in err.getvalue()  # a user token may not read daemon-side paths
+    assert code == 1 and "error 400" in err.getvalue() and "PDF" in err.getvalue()
+    err = io.StringIO()
+    code = await asyncio.to_thread(run_ingest, args(str(api.docs), token=api.alice), io.StringIO(), err)
+    assert code == 1 and "error 403" in err.getvalue()  # a user token may not have the daemon read a folder
 
     err = io.StringIO()
     code = await asyncio.to_thread(run_ingest, args(str(api.docs / "missing.txt")), io.StringIO(), err)

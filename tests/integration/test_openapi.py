@@ -57,7 +57,7 @@ DAEMON_ENV = {
     "MONGARSD_INFERENCE__N_CTX": "512",
     "MONGARSD_INFERENCE__SLOTS": "1",
     "MONGARSD_INFERENCE__MAX_TOKENS_DEFAULT": "6",
-    "MONGARSD_MAINTENANCE__ENABLED": "false",
+    "MONGARSD_SOMMEIL__ENABLED": "false",
 }
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -149,6 +149,24 @@ def chat(s: Started, timeout: float) -> str:
     return text
 
 
+def ingest_html(s: Started, timeout: float) -> int:
+    """Ingest an HTML document through the bundle's Iris (trafilatura and its data files); return its chunks."""
+    paragraphs = "".join(f"<p>Paragraph {i}: the glass kites of Quimtaro fly over the valley every spring.</p>" for i in range(30))
+    html = f"<html><head><title>Kites</title></head><body><nav>Home</nav><article>{paragraphs}</article></body></html>"
+    body = {"text": html, "title": "Kites", "source": "kites.html", "content_type": "text/html"}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{s.port}/api/v1/ingest", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        pytest.fail(f"ingest answered {err.code}: {err.read()[:2000]!r}\n{s.log.read_text()[-3000:]}")
+    result = out["results"][0]
+    assert not result.get("error") and result["chunks"] >= 1, out
+    return int(result["chunks"])
+
+
 def stop(s: Started, timeout: float = 60) -> int:
     """SIGTERM the daemon itself (unshare's child) and return its exit status."""
     if s.proc.poll() is None:
@@ -195,6 +213,8 @@ def run_daemon_twice(
         try:
             took = wait_ready(s, ready_timeout)
             answer = chat(s, chat_timeout)
+            if attempt == 0:
+                assert ingest_html(s, chat_timeout) >= 1
         finally:
             code = stop(s)
         text = log.read_text()

@@ -35,7 +35,7 @@ REQUIRED_KEYS = {"value", "reference", "ratio", "target", "unit", "machine"}
 
 
 def test_every_design_target_has_a_spec() -> None:
-    assert tuple(f"P{i}" for i in range(1, 17)) == TARGET_IDS  # DESIGN §9: P1-P16
+    assert tuple(f"P{i}" for i in range(1, 18)) == TARGET_IDS  # DESIGN §9: P1-P16, and P17 (the mind's work beside chats)
     assert set(TARGETS) == set(TARGET_IDS)
     assert target_text("P1") == "ratio >= 0.95; vs_llama_server >= 1"
     assert target_text("P4") == "ratio >= 0.95; defaults_ratio >= 0.95"
@@ -219,5 +219,5 @@ def test_parse_llama_bench_json() -> None:
 def test_parse_only() -> None:
     assert parse_only(None) == set(TARGET_IDS)
     assert parse_only("p1, P6") == {"P1", "P6"}
-    with pytest.raises(SystemExit, match="P17"):
-        parse_only("P17")
+    with pytest.raises(SystemExit, match="P18"):
+        parse_only("P18")

@@ -13,7 +13,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 
-from mongarsd.api import admin, curiosity, ingest, io, native, ollama, openai, openapi, ops, peers, schemas, social, speech
+from mongarsd.api import (
+    admin,
+    curiosity,
+    evolution,
+    ingest,
+    io,
+    native,
+    ollama,
+    openai,
+    openapi,
+    ops,
+    peers,
+    schemas,
+    self_training,
+    social,
+    sommeil,
+    speech,
+)
 from mongarsd.api.io import read_json
 from mongarsd.api.schemas import ROUTE_MODELS, RouteModel
 from mongarsd.api.validation import check_body, declared_types, validation_middleware
@@ -34,6 +51,9 @@ ROUTE_SETUPS: list[Callable[[web.Application], None]] = [
     ingest.setup_routes,
     curiosity.setup_routes,
     social.setup_routes,
+    sommeil.setup_routes,
+    evolution.setup_routes,
+    self_training.setup_routes,
     peers.setup_routes,
 ]
 JSON_TYPES = {"string", "integer", "number", "boolean", "array", "object", "null"}

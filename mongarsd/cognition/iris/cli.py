@@ -7,6 +7,7 @@ the store's one writer. On loopback the daemon trusts the local admin; elsewhere
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import json
 import os
@@ -16,10 +17,12 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, Final, TextIO
 
+from mongarsd.cognition.iris.ingest import SUFFIX_TYPES
 from mongarsd.const import DEFAULT_HTTP_PORT, EXIT_FAILURE, EXIT_OK
 
 INGEST_TIMEOUT_S: Final = 3600.0  # a large folder is embedded chunk by chunk on a small board
 INGEST_PATH: Final = "/api/v1/ingest"
+INLINE_MAX_BYTES: Final = 640 * 1024  # sent inline up to this: its base64 fits the default 1 MiB request limit
 
 
 def is_url(target: str) -> bool:
@@ -40,13 +43,33 @@ def daemon_url(host: str, port: int) -> str:
 
 
 def build_request(target: str, *, user: str | None, shared: bool) -> dict[str, Any]:
-    """The POST /api/v1/ingest body for a command-line target (a path is made absolute here) (pure but for cwd)."""
-    body: dict[str, Any] = {"url": target} if is_url(target) else {"path": os.path.abspath(os.path.expanduser(target))}
+    """The POST /api/v1/ingest body for a command-line target (blocking: reads a small file).
+
+    A small document file travels in the request itself, so the daemon (another system user,
+    often without access to your home) never needs to read it; a folder or a large file is
+    named by its absolute path for the daemon to read (admins only).
+    """
+    body: dict[str, Any] = {"url": target} if is_url(target) else _file_or_path(os.path.abspath(os.path.expanduser(target)))
     if shared:
         body["shared"] = True
     if user:
         body["user"] = user
     return body
+
+
+def _file_or_path(path: str) -> dict[str, Any]:
+    content_type = SUFFIX_TYPES.get(os.path.splitext(path)[1].lower())
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = -1
+    if content_type is None or not os.path.isfile(path) or not 0 < size <= INLINE_MAX_BYTES:
+        return {"path": path}
+    with open(path, "rb") as fh:
+        data = fh.read(INLINE_MAX_BYTES + 1)
+    if len(data) > INLINE_MAX_BYTES:
+        return {"path": path}
+    return {"data": base64.b64encode(data).decode("ascii"), "content_type": content_type, "source": path, "title": os.path.basename(path)}
 
 
 def post_ingest(base: str, token: str | None, body: dict[str, Any], timeout: float = INGEST_TIMEOUT_S) -> dict[str, Any]:
@@ -97,7 +120,7 @@ def run_ingest(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: Te
     token = args.token or os.environ.get("MONGARSD_TOKEN")
     body = build_request(target, user=args.user, shared=args.shared)
     whose = "shared documents" if args.shared else (f"{args.user}'s documents" if args.user else "your documents")
-    print(f"ingesting {body.get('url') or body.get('path')} into {whose} via {base} ...", file=stderr, flush=True)
+    print(f"ingesting {body.get('url') or body.get('path') or body.get('source')} into {whose} via {base} ...", file=stderr, flush=True)
     try:
         answer = post_ingest(base, token, body)
     except urllib.error.HTTPError as err:
