@@ -41,6 +41,7 @@ setup(
         "prometheus-client>=0.20",
         "trafilatura>=2.0",  # Iris: main text of fetched HTML pages (pure Python over lxml)
         "pypdf>=4.0",  # Iris: text of PDF documents (pure Python)
+        "lxml-html-clean>=0.1",  # lxml.html.clean moved there; justext (under trafilatura) imports it
     ],
     extras_require={
         "test": [

@@ -1523,8 +1523,8 @@ ROUTE_MODELS: Final[Mapping[tuple[str, str], RouteModel]] = {
         "Go back to the previous tuned settings",
         "admin",
         {200: json_reply("Rolled back", obj({"rolled_back": BOOL, "active": t("object")}, "rolled_back", "active"))},
-        request=obj({"reason": t("string", maxLength=200)}, title="EvolutionRollback"),
         errors=(400, 409, 503),
+        description='An optional JSON body {"reason": "..."} (at most 200 characters) is kept with the version.',
     ),
     ("GET", "/api/v1/self-training"): RouteModel(
         "The recall re-ranker learnt from feedback: the active version and every trained one with its held-out scores",

@@ -343,7 +343,9 @@ async def test_routes(tmp_path: Path, fake_trial: list[str]) -> None:
             assert status == 200 and doc["rolled_back"] is True and doc["active"]["settings"]["threads"] == 1
             assert "slower in use (by root)" in doc["active"]["reason"]
             status, doc = await call(http, "GET", "/api/v1/evolution", user, base=bare_url)
-            assert status == 503 and "not enabled" in doc["error"]["message"]
+            assert status == 200 and doc["enabled"] is False and "evolution.enabled" in doc["reason"]  # a report, never a 5xx
+            status, doc = await call(http, "POST", "/api/v1/evolution/rollback", admin, base=bare_url)
+            assert status == 409 and "not enabled" in doc["error"]["message"]
     finally:
         for runner in runners:
             await runner.cleanup()
