@@ -136,29 +136,30 @@ async def test_a_worse_setting_is_never_adopted(make_stack: Any) -> None:
 
 @needs_model
 async def test_a_better_setting_is_adopted_with_its_measurements_and_rollback_restores(make_stack: Any) -> None:
-    stack = await make_stack(inference_cfg=inference(n_ubatch=1))
+    stack = await make_stack()  # one thread; two are a real gain on any board of two or more cores
     engine: EvolutionEngine = stack.engine
     assert engine.active is not None
     first = engine.active
-    assert loaded_settings(stack.manager).n_ubatch == 1
-    better = {**first.settings, "n_ubatch": 32}
+    assert loaded_settings(stack.manager).threads == 1
+    # n_ubatch on the 37-token trial prompt is within the noise of a tiny model; a second thread is not
+    better = {**first.settings, "threads": 2}
     result = await engine.async_trial(better)
     if result["outcome"] != "adopted":  # a stall of the shared board: one more trial
         result = await engine.async_trial(better)
     assert result["outcome"] == "adopted", result
     version = engine.active
-    assert version.id == result["version"] and version.settings["n_ubatch"] == 32 and version.previous == first.id
+    assert version.id == result["version"] and version.settings["threads"] == 2 and version.previous == first.id
     m = version.measurements
     assert m["tokens_per_s"] > m["baseline_tokens_per_s"] > 0 and m["gain"] >= 0.03 and m["p_value"] <= 0.05
     assert len(m["samples"]) == 4 and len(m["baseline_samples"]) == 4 and m["peak_rss_mb"] > 0 and m["decode_tokens_per_s"] > 0
     # the daemon's engine was reloaded with the adopted settings, and serves
-    assert stack.manager.engine_settings.n_ubatch == 32 and loaded_settings(stack.manager).n_ubatch == 32
+    assert stack.manager.engine_settings.threads == 2 and loaded_settings(stack.manager).threads == 2
     assert await generate(stack.manager)
     history = await engine.async_history()
     assert history["active"]["id"] == version.id and "adopted" in history["active"]["reason"]
     restored = await engine.async_rollback(reason="test")
     assert restored["settings"] == first.settings and f"rollback of {version.id}" in restored["reason"]
-    assert loaded_settings(stack.manager).n_ubatch == 1
+    assert loaded_settings(stack.manager).threads == 1
     assert await generate(stack.manager)
 
 
