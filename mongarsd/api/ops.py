@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import psutil
 from aiohttp import web
@@ -38,6 +40,17 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
 
 
+def service_manager(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Whether systemd runs this process as a service, and its watchdog period (pure)."""
+    # systemd sets INVOCATION_ID for every unit it starts; WATCHDOG_USEC with WatchdogSec=
+    under_systemd = bool(environ.get("INVOCATION_ID")) and bool(environ.get("NOTIFY_SOCKET") or environ.get("JOURNAL_STREAM"))
+    usec = environ.get("WATCHDOG_USEC", "")
+    return {
+        "service_manager": "systemd" if under_systemd else None,
+        "watchdog_s": int(usec) / 1e6 if under_systemd and usec.isdigit() and int(usec) > 0 else None,
+    }
+
+
 async def handle_status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     principal = principal_of(request)
@@ -62,7 +75,11 @@ async def handle_status(request: web.Request) -> web.Response:
         "profile": ctx.loaded.profile,
         "services": ctx.services_state(),
         "you": {"user": principal.user, "role": principal.role},
-        "process": {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "threads": proc.num_threads()},
+        "process": {
+            "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "threads": proc.num_threads(),
+            **service_manager(os.environ),
+        },
         "event_loop_lag": ctx.metrics.loop_lag_summary(),
         "inflight_requests": ctx.state.inflight,
         "unclean_exits": ctx.unclean_exits,

@@ -934,7 +934,14 @@ STATUS = obj(
         "profile": STR,
         "services": t("object", additionalProperties=STR),
         "you": obj({"user": STR, "role": STR}, "user", "role"),
-        "process": obj({"rss_mb": NUM, "threads": INT}),
+        "process": obj(
+            {
+                "rss_mb": NUM,
+                "threads": INT,
+                "service_manager": t("string", "null", description="systemd when the daemon runs as a systemd service"),
+                "watchdog_s": t("number", "null", description="the service manager's watchdog period"),
+            }
+        ),
         "event_loop_lag": t("object"),
         "inflight_requests": INT,
         "unclean_exits": INT,

@@ -64,7 +64,9 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys_install(args: argparse.Namespace) -> int:
     path = _keyring_path(args)
-    key = decode_key(args.key.strip())
+    # "-": read the key from stdin, so that it never shows in the process list (first-boot scripts)
+    text = sys.stdin.read(4096) if args.key == "-" else args.key
+    key = decode_key(text.strip())
     if path.exists():
         ring = Keyring.load(path)
         ring.install(key)
@@ -197,7 +199,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     add_config_args(p)
     p.set_defaults(func=cmd_keys_generate)
     p = keys.add_parser("install", help="install a key (base64) that peers use")
-    p.add_argument("key")
+    p.add_argument("key", help="the key in base64, or - to read it from stdin")
     add_config_args(p)
     p.set_defaults(func=cmd_keys_install)
     p = keys.add_parser("use", help="make an installed key the primary one")

@@ -192,3 +192,15 @@ def test_sysusers_creates_user_in_scratch_root(tmp_path: Path) -> None:
     assert fields[5] == "/var/lib/mongarsd"
     assert fields[6].endswith("nologin")
     assert int(fields[2]) < 1000  # a system uid
+
+
+def test_status_tells_whether_systemd_runs_the_daemon_and_its_watchdog() -> None:
+    from mongarsd.api.ops import service_manager
+
+    assert service_manager({}) == {"service_manager": None, "watchdog_s": None}
+    # INVOCATION_ID alone (a shell inside a unit's environment copy) is not enough
+    assert service_manager({"INVOCATION_ID": "abc"})["service_manager"] is None
+    unit = {"INVOCATION_ID": "abc", "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"}
+    assert service_manager(unit) == {"service_manager": "systemd", "watchdog_s": 30.0}
+    assert service_manager({**unit, "WATCHDOG_USEC": "junk"}) == {"service_manager": "systemd", "watchdog_s": None}
+    assert service_manager({"INVOCATION_ID": "abc", "JOURNAL_STREAM": "8:123"})["service_manager"] == "systemd"
