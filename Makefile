@@ -14,7 +14,7 @@ ARCH ?= $(shell uname -m | sed -e 's/aarch64/arm64/' -e 's/amd64/x86_64/')
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' mongarsd/__init__.py)
 DEB_ARCH = $(if $(filter arm64,$(ARCH)),arm64,amd64)
 
-.PHONY: install dev run test test-fast test-dist fuzz check bench native native-libs dist deb clean distclean test-deps
+.PHONY: install dev run test test-fast test-dist image test-image fuzz check bench native native-libs dist deb clean distclean test-deps
 
 install: $(STAMP) $(MODELS_STAMP)
 
@@ -39,7 +39,7 @@ run: install
 	$(PY) -m mongarsd run --state-dir $(STATE) --models-dir $(MODELS)
 
 test: install test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Long fuzz run of every decoder and validator (make test runs the same properties briefly), and a
 # long schemathesis run of every route against /openapi.json (SCHEMATHESIS_EXAMPLES per operation and mode).
@@ -76,6 +76,22 @@ deb: dist
 # The arm64 build and its smoke test under qemu-user (the x86-64 ones run in make test).
 test-dist: install test-deps
 	MONGARSD_TEST_DIST_ARM64=1 $(PY) -m pytest -q -m dist_arm64 tests/packaging
+
+# A flashable disk image, BOARD=pi4|x86-64: Debian bookworm (mmdebstrap) with the board's
+# kernel, systemd and the .deb of the board's architecture; dist/mongarsd-<version>-<board>.img.
+# Needs root. The Debian root is cached in ~/.cache/mongarsd-build/images (images/README.md).
+BOARD ?= x86-64
+IMAGE_ARCH = $(if $(filter pi4 pi5,$(BOARD)),arm64,x86_64)
+IMAGE_DEB = dist/mongarsd_$(VERSION)_$(if $(filter arm64,$(IMAGE_ARCH)),arm64,amd64).deb
+image: install
+	images/host-tools.sh $(BOARD)
+	$(if $(filter pi5,$(BOARD)),images/build.sh --board pi5 --deb - --models -,$(MAKE) deb ARCH=$(IMAGE_ARCH))
+	images/build.sh --board $(BOARD) --deb $(IMAGE_DEB) --models $(MODELS) --out dist/mongarsd-$(VERSION)-$(BOARD).img
+
+# Build both images and boot them under QEMU: the x86-64 one with OVMF, the Pi 4's root under
+# qemu-system-aarch64 -M virt; each answers a chat through a forwarded port (tests/images).
+test-image: install test-deps
+	MONGARSD_TEST_IMAGES=1 $(PY) -m pytest -q -m image tests/images
 
 # P7's reference: sqlite-vec loaded into the system python3 (the venv's python may lack extension loading).
 SQLITE_VEC := .cache/sqlite-vec/sqlite_vec
