@@ -67,6 +67,10 @@ def build(board: str) -> Image:
         pytest.skip("the image builds and boots run under make test-image")
     if os.geteuid() != 0:
         pytest.skip("building an image needs root (chroot, file ownership)")
+    path = REPO / "dist" / f"mongarsd-{__version__}-{board}.img"
+    if os.environ.get("MONGARSD_TEST_IMAGE_PREBUILT") == "1" and path.is_file():
+        say(f"testing the image already built: {path.name} (MONGARSD_TEST_IMAGE_PREBUILT=1)")
+        return describe(board, path)
     say(f"make image BOARD={board} (the Debian root is cached after the first build)")
     tail: list[str] = []
     with subprocess.Popen(
@@ -79,7 +83,10 @@ def build(board: str) -> Image:
         code = proc.wait(timeout=BUILD_TIMEOUT_S)
     if code != 0:
         pytest.fail(f"make image BOARD={board} failed:\n{''.join(tail)}")
-    path = REPO / "dist" / f"mongarsd-{__version__}-{board}.img"
+    return describe(board, path)
+
+
+def describe(board: str, path: Path) -> Image:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(path)], capture_output=True, text=True, check=True, timeout=60).stdout)[
         "partitiontable"
     ]
@@ -184,7 +191,7 @@ def test_image_has_its_partitions_boot_files_an_enabled_unit_and_no_secrets(imag
     assert "ExecStart=/usr/bin/mongarsd run" in debugfs(root, "cat /usr/lib/systemd/system/mongarsd.service")
     # No password hash, no SSH key (host or authorized), no machine id, no node identity or token.
     shadow = debugfs(root, "cat /etc/shadow")
-    assert shadow.startswith("root:"), shadow[:200]
+    assert any(line.startswith("root:") for line in shadow.splitlines()), shadow[:200]
     for line in shadow.splitlines():
         name, hashed = line.split(":")[:2]
         assert hashed in ("*", "!", "!*") or (hashed.startswith("!") and len(hashed) <= 2), f"{name} has a password hash"
@@ -335,7 +342,7 @@ def test_image_boots_to_a_ready_daemon_that_needs_the_first_boot_token(images: d
             facts = inside(board, key, ssh_port)
             assert facts["active"] == "active" and facts["ssh_enabled"] == "enabled", facts
             assert facts["token"] == "600 mongarsd", facts
-            assert facts["state"] == "/var/lib/mongarsd ext4 MGSTATE", facts
+            assert facts["state"].split() == ["/var/lib/mongarsd", "ext4", "MGSTATE"], facts
             assert facts["root"].split()[:2] == ["root", "L"], facts  # locked: no password to log in with
             assert facts["password_auth"] == "passwordauthentication no", facts
             assert facts["hostname"].startswith("mongarsd-") and facts["mdns"].split()[-1] == facts["hostname"] + ".local", facts
