@@ -75,7 +75,7 @@ deb: dist
 
 # The arm64 build and its smoke test under qemu-user (the x86-64 ones run in make test).
 test-dist: install test-deps
-	MONGARSD_TEST_DIST_ARM64=1 $(PY) -m pytest -q -m dist_arm64 tests/packaging
+	MONGARSD_TEST_DIST_ARM64=1 $(PY) -m pytest -q -s -m dist_arm64 tests/packaging
 
 # A flashable disk image, BOARD=pi4|x86-64: Debian bookworm (mmdebstrap) with the board's
 # kernel, systemd and the .deb of the board's architecture; dist/mongarsd-<version>-<board>.img.
@@ -90,8 +90,9 @@ image: install
 
 # Build both images and boot them under QEMU: the x86-64 one with OVMF, the Pi 4's root under
 # qemu-system-aarch64 -M virt; each answers a chat through a forwarded port (tests/images).
+# -s: the builds and boots print timestamped progress as they go.
 test-image: install test-deps
-	MONGARSD_TEST_IMAGES=1 $(PY) -m pytest -q -m image tests/images
+	MONGARSD_TEST_IMAGES=1 $(PY) -m pytest -q -s -m image tests/images
 
 # P7's reference: sqlite-vec loaded into the system python3 (the venv's python may lack extension loading).
 SQLITE_VEC := .cache/sqlite-vec/sqlite_vec

@@ -165,8 +165,15 @@ cat >"$ROOT/etc/fstab" <<EOF
 # <file system>      <mount point>        <type> <options>                                  <dump> <pass>
 LABEL=$ROOT_LABEL    /                    ext4   defaults,noatime,errors=remount-ro          0 1
 LABEL=$STATE_LABEL   /var/lib/mongarsd    ext4   defaults,noatime,nosuid,nodev               0 2
-LABEL=$BOOT_LABEL    $BOOT_MOUNT    vfat   defaults,umask=0077,nofail,x-systemd.device-timeout=20s 0 2
+LABEL=$BOOT_LABEL    $BOOT_MOUNT    vfat   defaults,umask=0077,nofail                  0 2
 EOF
+# The boot partition is nofail (a board boots without it), so local-fs.target does not wait
+# for it: the units that read files dropped there wait for its mount themselves.
+boot_unit="$(printf '%s' "${BOOT_MOUNT#/}" | tr / -).mount"
+for unit in mongarsd-firstboot.service mongarsd-ssh-keys.service; do
+    mkdir -p "$ROOT/usr/lib/systemd/system/$unit.d"
+    printf '[Unit]\nWants=%s\nAfter=%s\n' "$boot_unit" "$boot_unit" >"$ROOT/usr/lib/systemd/system/$unit.d/boot-partition.conf"
+done
 echo mongarsd >"$ROOT/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tmongarsd\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
 ln -sfn /run/systemd/resolve/stub-resolv.conf "$ROOT/etc/resolv.conf"
