@@ -72,19 +72,32 @@ def measure_index(data: F32, queries: F32) -> dict[str, Any]:
         hi = min(lo + INSERT_BATCH, len(data))
         idx.add("bench", list(range(lo + 1, hi + 1)), data[lo:hi])
     insert_s = time.perf_counter() - t0
+    # The 4-bit copy a partition this size gets is built in the index's worker thread; a daemon
+    # serves exact scans meanwhile. Measured here: that build, then searches in steady state.
+    t1 = time.perf_counter()
+    idx.settle()
+    copy_build_s = time.perf_counter() - t1
     rss1 = proc.memory_info().rss
-    for q in queries[:WARMUP_QUERIES]:
-        idx.search("bench", q, TOP_K)
-    lat: list[float] = []
-    results: list[list[int]] = []
-    for q in queries:
-        t = time.perf_counter()
-        hits = idx.search("bench", q, TOP_K)
-        lat.append((time.perf_counter() - t) * 1000)
-        results.append([h.id for h in hits])
-    exact = [list(np.argsort(-(data @ q))[:TOP_K] + 1) for q in queries[:50]]
-    agree = float(np.mean([len(set(a) & set(b)) / TOP_K for a, b in zip(results[:50], exact, strict=True)]))
+    try:
+        for q in queries[:WARMUP_QUERIES]:
+            idx.search("bench", q, TOP_K)
+        lat: list[float] = []
+        results: list[list[int]] = []
+        for q in queries:
+            t = time.perf_counter()
+            hits = idx.search("bench", q, TOP_K)
+            lat.append((time.perf_counter() - t) * 1000)
+            results.append([h.id for h in hits])
+    finally:
+        idx.close()
+    # recall against an exact float32 top-10 over every query (ids are row + 1)
+    exact = [list(np.argpartition(-(data @ q), TOP_K)[:TOP_K] + 1) for q in queries]
+    per_query = [len(set(a) & set(b)) / TOP_K for a, b in zip(results, exact, strict=True)]
+    agree = float(np.mean(per_query))
     return {
+        "copy_rows": idx.coarse_rows("bench"),
+        "copy_build_s": copy_build_s,
+        "recall_min": float(min(per_query)),
         "p50_ms": percentile(lat, 50),
         "p95_ms": percentile(lat, 95),
         "p99_ms": percentile(lat, 99),
@@ -236,7 +249,9 @@ def run(results: dict[str, Any], *, n: int = N_MEMORIES, n_queries: int = N_QUER
     details: dict[str, Any] = {
         "method": (
             f"{n} seeded clustered unit vectors ({N_CLUSTERS} topics, noise {NOISE}), one user owning all rows; "
-            f"{n_queries} queries after {WARMUP_QUERIES} warm-up; top-{TOP_K} exact cosine; latency of one search call"
+            f"{n_queries} queries after {WARMUP_QUERIES} warm-up; top-{TOP_K} cosine (a 4-bit copy picks candidates, "
+            "rescored exactly in float32), latency of one search call; recall_at_10 = mean share of the exact "
+            "float32 top-10 found, over every query"
         ),
         "ours": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()},
         "store": {k: round(v, 4) if isinstance(v, float) else v for k, v in store.items()},
@@ -254,7 +269,14 @@ def run(results: dict[str, Any], *, n: int = N_MEMORIES, n_queries: int = N_QUER
         }
         return
     log(f"  P7 reference ({ref['mode']}): p50 {ref['p50_ms']:.2f} ms, p95 {ref['p95_ms']:.2f} ms")
-    entry = make_entry("P7", value=ours["p95_ms"], reference=ref["p95_ms"], unit="ms", details=details)
+    entry = make_entry(
+        "P7",
+        value=ours["p95_ms"],
+        reference=ref["p95_ms"],
+        unit="ms",
+        recall_at_10=round(ours["recall_at_10_vs_exact"], 4),
+        details=details,
+    )
     entry.setdefault("machine", describe_machine())
     results["P7"] = entry
 

@@ -409,11 +409,13 @@ class Hippocampus:
                 self.index.add(user, ids, np.stack(vecs))
                 loaded += len(ids)
         self._started = True
+        self.index.maintain()  # large partitions get their 4-bit copy in the background
         log.info("hippocampus_started", vectors=loaded, skipped=skipped, ms=round((time.monotonic() - t0) * 1000, 1))
 
     async def async_stop(self) -> None:
         self._started = False
-        self.index = VectorIndex(self.dim)
+        index, self.index = self.index, VectorIndex(self.dim)
+        await asyncio.to_thread(index.close)  # waits for a 4-bit copy being built
 
     @property
     def db(self) -> Database:
@@ -692,6 +694,7 @@ class Hippocampus:
             timings["embed"] = (time.perf_counter() - t0) * 1000
             t1 = time.perf_counter()
             partitions = [user] if user == SHARED_OWNER else [user, SHARED_OWNER]
+            self.index.maintain()
             if sum(self.index.count(p) for p in partitions) >= SEARCH_IN_THREAD_ROWS:
                 found = await asyncio.to_thread(self._search_partitions, partitions, qv, n_cand)
             else:

@@ -231,3 +231,44 @@ async def test_vectors_reload_after_restart(db: Database, embedder: Embedder) ->
         assert abs(float(np.linalg.norm(vec)) - 1.0) < 1e-3
     finally:
         await second.async_stop()
+
+
+async def test_recall_through_the_4bit_copy_of_a_large_partition(db: Database, embedder: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real MiniLM vectors in the 4-bit copy (thresholds scaled down): recall finds the fact, stop ends the build thread."""
+    import threading
+
+    from mongarsd.memory import vectors
+
+    monkeypatch.setattr(vectors, "COARSE_MIN_ROWS", 24)
+    monkeypatch.setattr(vectors, "CANDIDATES_PER_K", 1)
+    monkeypatch.setattr(vectors, "CANDIDATES_MIN", 4)
+    first = Hippocampus(db=db, embedder=embedder)
+    await first.async_start()
+    topics = ["cooking pasta", "the weather in Oslo", "train timetables", "my bicycle", "jazz records", "tax forms"]
+    for i in range(30):
+        await first.async_add_memory("alice", f"Note {i}: something about {topics[i % len(topics)]} and item {i * 7}.")
+    fact = await first.async_add_memory("alice", "My passport expires in March 2031.")
+    await first.async_stop()
+    second = Hippocampus(db=db, embedder=embedder)
+    await second.async_start()  # loads 31 rows: the copy is built in the background
+    try:
+        for _ in range(200):
+            if second.index.coarse_rows("alice"):
+                break
+            await asyncio.sleep(0.05)
+            second.index.maintain()
+        assert second.index.coarse_rows("alice") == 31
+        used: list[int] = []
+        real_scores = vectors.CoarseCopy.scores
+
+        def counted(self: vectors.CoarseCopy, query: np.ndarray) -> np.ndarray:
+            used.append(1)
+            return real_scores(self, query)
+
+        monkeypatch.setattr(vectors.CoarseCopy, "scores", counted)
+        res = await second.async_recall("alice", "when does my travel document run out", 2)
+        assert used, "the search went through the 4-bit copy"
+        assert res.hits[0].memory.id == fact.id and res.hits[0].vector_rank == 1
+    finally:
+        await second.async_stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("mongarsd-vectors") and t.is_alive()]
