@@ -101,7 +101,7 @@ def test_p3_is_judged_on_the_delta_not_the_ratio() -> None:
 def test_finalize_shape_for_every_id(tmp_path: Path) -> None:
     results = {
         "P1": make_entry("P1", value=80.0, reference=87.0),
-        "P7": {"value": 4.2, "reference": 40.0, "unit": "ms"},  # a teammate's bare dict
+        "P7": {"value": 4.2, "reference": 40.0, "unit": "ms", "recall_at_10": 1.0},  # a teammate's bare dict
         "P9": skipped_entry("P9", "no models"),
     }
     out = finalize(results, machine="AMD EPYC, 2 cores, x86_64", measured_at="2025-01-01T00:00:00Z")
@@ -221,3 +221,10 @@ def test_parse_only() -> None:
     assert parse_only("p1, P6") == {"P1", "P6"}
     with pytest.raises(SystemExit, match="P18"):
         parse_only("P18")
+
+
+def test_p7_needs_both_latency_and_recall() -> None:
+    fast_but_lossy = make_entry("P7", value=4.0, reference=80.0, recall_at_10=0.9)
+    assert finalize({"P7": fast_but_lossy}, machine="m", measured_at="t")["P7"]["met"] is False
+    exact = make_entry("P7", value=4.0, reference=80.0, recall_at_10=1.0)
+    assert finalize({"P7": exact}, machine="m", measured_at="t")["P7"]["met"] is True
