@@ -27,7 +27,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # BLAS thread pools would fight llama.cpp's threads for the board's few cores.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    from mongarsd.daemon import Daemon, limit_malloc_arenas
+    from mongarsd.daemon import Daemon
+    from mongarsd.heap import limit_malloc_arenas
     from mongarsd.log import configure_logging
 
     if "MALLOC_ARENA_MAX" not in os.environ:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import fcntl
-import gc
 import os
 import resource
 import signal
@@ -26,6 +24,7 @@ from mongarsd.cognition.hands import Hands
 from mongarsd.config import LoadedConfig
 from mongarsd.const import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, HTTP_CLOSE_MARGIN_S, HTTP_FD_RESERVE, LOOP_LAG_INTERVAL_S
 from mongarsd.errors import ConfigError, MongarsError
+from mongarsd.heap import release_free_heap
 from mongarsd.memory.db import Database
 from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
@@ -101,34 +100,6 @@ class InstanceLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-
-
-M_ARENA_MAX = -8  # glibc mallopt parameter
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas before any thread starts (blocking, instantaneous).
-
-    glibc gives each thread that allocates its own arena, up to eight per core, and each keeps
-    the pages it freed. The daemon's threads (inference, embedder, executors) would each hold a
-    few MB that no one uses again; two arenas cost nothing measurable in speed here.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
-        pass  # not glibc (musl, macOS): nothing to cap
-
-
-def release_free_heap() -> None:
-    """Collect start-up garbage and hand freed heap pages back to the OS (glibc keeps them otherwise; ~10 ms)."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc (musl, macOS): nothing to trim
 
 
 class BindGuard:

@@ -9,6 +9,9 @@ off), so they only choose candidates: `VectorIndex` rescores the best `CANDIDATE
 of them exactly in float32, which makes the final top-k exact unless a true top-k row falls
 below several hundred rows on the approximate scores.
 
+Resident cost per 100k 384-d rows, measured: 23 MB of packed rows plus ONNX Runtime's
+prepacked form of them, 43 MB in all (on top of the 154 MB of float32 rows).
+
 A copy is immutable and built off the event loop from the rows as they were when the build
 began; `VectorIndex` tracks which ids changed since then and scores those exactly.
 """
@@ -20,6 +23,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+
+from mongarsd.heap import trim_heap
 
 BITS: Final = 4
 BLOCK: Final = 32  # values per scale; MatMulNBits needs a power of two >= 16
@@ -106,9 +111,12 @@ def build(ids: npt.NDArray[np.int64], rows: npt.NDArray[np.float32], *, threads:
     opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    nbytes = packed.nbytes + scales.nbytes
+    del model_bytes, packed, scales
+    trim_heap()  # the serialized model and the quantizer's buffers: ~55 MB per 100k rows glibc would keep
     return CoarseCopy(
         ids=np.array(ids, dtype=np.int64, copy=True),
         session=session,
-        nbytes=packed.nbytes + scales.nbytes,
+        nbytes=nbytes,
         build_s=time.perf_counter() - started,
     )
