@@ -73,6 +73,9 @@ class InferenceConfig:
     n_batch: int = 512
     n_ubatch: int = 512
     slots: int = 4
+    # KV cells the slots share (0: each slot its own stream of n_ctx cells); with flash
+    # attention one unified pool, else one stream of kv_pool / slots cells per slot
+    kv_pool: int = 0
     queue_depth: int = 16
     kv_cache_type: str = "f16"
     flash_attn: bool = False
@@ -297,6 +300,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "inference.n_ubatch": _positive,
     "inference.slots": lambda v: None if 1 <= v <= 64 else "must be between 1 and 64",
     "inference.queue_depth": _non_negative,
+    "inference.kv_pool": lambda v: None if v == 0 or 128 <= v <= 1 << 22 else "must be 0 (one stream per slot) or between 128 and 4194304",
     "inference.kv_cache_type": _choice(*KV_CACHE_TYPES),
     "inference.cpu_variant": _choice(*CPU_VARIANT_CHOICES),
     "inference.gpu_layers": lambda v: None if v >= -1 else "must be >= -1 (-1 = all)",

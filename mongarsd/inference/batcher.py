@@ -33,7 +33,7 @@ from mongarsd.errors import InferenceError
 from mongarsd.inference.context import LlamaContext
 from mongarsd.inference.events import FINISH_LENGTH, FINISH_STOP, EngineStats, Timings, TokenEvent
 from mongarsd.inference.sampling import GenerationParams, StopMatcher, Utf8Stream
-from mongarsd.inference.slots import SlotCandidate, choose_slot, common_prefix_len
+from mongarsd.inference.slots import SlotCandidate, cells_to_free, choose_slot, common_prefix_len
 
 log = structlog.get_logger("mongarsd.inference.llm")
 
@@ -61,6 +61,7 @@ class Request:
         "params",
         "pos",
         "prompt",
+        "reserve",
         "sampler",
         "stopper",
         "t_first",
@@ -93,6 +94,7 @@ class Request:
         self.pos = 0  # next prompt index to decode
         self.n_cached = 0
         self.n_decoded = 0
+        self.reserve = 0  # cells held in a shared pool (prompt + max_tokens)
         self.last_token = -1
         self.generating = False
         self.t_submit = time.perf_counter()
@@ -129,6 +131,7 @@ class Batcher:
         self.model_id = llama.model_id
         self.n_slots = slots
         self.slots = [Slot(i) for i in range(slots)]
+        self._pool = 0  # cells the slots share (0: a stream each); known once the model is loaded
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake = threading.Event()
         self.ready = threading.Event()  # set once warmed up (or dead)
@@ -145,6 +148,7 @@ class Batcher:
         self._predicted_total = 0
         self._predicted_seconds_total = 0.0
         self._cached_total = 0
+        self._evicted_total = 0  # idle slots' caches dropped to make room in a shared pool
         self._n_decode_total = 0
         self._n_busy_slots_total = 0
         self._finished_requests = 0
@@ -183,6 +187,7 @@ class Batcher:
             n_busy_slots_total=self._n_busy_slots_total,
             kv_cache_tokens=sum(len(s.tokens) for s in self.slots),
             kv_cache_cells=self._llama.n_cells,
+            kv_evictions_total=self._evicted_total,
         )
 
     def clear_cache(self) -> None:
@@ -196,6 +201,7 @@ class Batcher:
     def run(self, *, warmup: bool) -> None:
         """Inference thread main loop: admit, batch, decode, sample, deliver."""
         slots = self.slots
+        self._pool = self._llama.n_cells if self._llama.unified else 0
         try:
             if warmup:
                 self._llama.warmup()
@@ -333,11 +339,13 @@ class Batcher:
             ]
             index = choose_slot(cands, req.cache_key, len(req.prompt))
             assert index is not None
+            if self._pool and not self._reserve(req, index, cands):
+                return  # FIFO: the head waits until a running request gives its cells back
             slot = self.slots[index]
             keep = next(c.prefix_len for c in cands if c.index == index)
             keep = min(keep, len(req.prompt) - 1)  # always decode >= 1 token for logits
-            # The slot's own stream always fits the request (prompt + max_tokens <= n_ctx_per_slot
-            # was checked on submission); only its own stale suffix goes.
+            # The request fits its slot (prompt + max_tokens <= n_ctx_per_slot was checked on
+            # submission; in a shared pool _reserve made room): only its own stale suffix goes.
             if keep < len(slot.tokens):
                 if not lib.llama_memory_seq_rm(mem, index, keep, -1):
                     lib.llama_memory_seq_rm(mem, index, -1, -1)
@@ -351,6 +359,27 @@ class Batcher:
             slot.req = req
             slot.cache_key = req.cache_key
             self._requests_total += 1
+
+    def _reserve(self, req: Request, index: int, cands: list[SlotCandidate]) -> bool:
+        """Hold prompt + max_tokens cells of the shared pool for `req` in slot `index` (thread only).
+
+        Running requests keep their reservations and idle slots their cached prefixes until the
+        pool is short; then idle caches go (slots.cells_to_free). False: it cannot fit yet.
+        """
+        need = min(len(req.prompt) + req.params.max_tokens, self._llama.n_ctx_slot)
+        others = [c for c in cands if c.index != index]
+        reserved = sum(s.req.reserve for s in self.slots if s.req is not None)
+        evict = cells_to_free(need, self._pool - reserved - sum(c.n_cached for c in others), others)
+        if evict is None:
+            return False
+        lib, mem = self._llama.lib, self._llama.mem
+        for i in evict:
+            lib.llama_memory_seq_rm(mem, i, -1, -1)
+            self.slots[i].tokens.clear()
+            self.slots[i].cache_key = None
+        self._evicted_total += len(evict)
+        req.reserve = need
+        return True
 
     def _step(self, active: list[Slot], out: Outbox) -> None:
         """Build one batch from all active slots, decode it, sample and emit (thread only)."""

@@ -1,13 +1,16 @@
 """One model's llama.cpp objects: model, vocabulary, context, batch and sampler chains.
 
-The context has `n_seq_max = slots` and one KV stream per slot (`kv_unified = false`, as
-llama-server does by default): `n_ctx` is the context of one slot (capped at the model's
-training context) and the cache holds `n_ctx * slots` cells. A unified cache would save
-memory, but there every token attends over every used cell, idle slots' cached prefixes
-included: measured here, four cached 900-token conversations halved prompt processing
-(284 -> 133 t/s) and cut decoding from 88 to 55 t/s. With one stream per slot a request only
-ever touches its own cells, and since the submission check guarantees prompt + max_tokens fits
-one slot, admission never has to evict anything.
+The context has `n_seq_max = slots`; `kv_cache.kv_layout` decides how their cells are laid
+out. Without `kv_pool` each slot has its own KV stream of `n_ctx` cells (`kv_unified = false`,
+llama-server's layout with `--kv-unified` off): a request only ever touches its own cells, and
+since the submission check guarantees prompt + max_tokens fits one slot, admission never has
+to evict anything. With `kv_pool` and flash attention the slots share one pool of cells
+(`kv_unified = true`, llama-server's default): more conversations in the same memory, and the
+batcher reserves each request's cells on admission, evicting idle slots' cached prefixes when
+the pool is short. Without flash attention a unified cache makes every token attend over every
+used cell, idle slots' included: measured here, four cached 900-token conversations halved
+prompt processing (284 -> 133 t/s) and cut decoding from 88 to 55 t/s, so there the pool is
+split into per-slot streams instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import structlog
 from mongarsd.errors import InferenceError, ModelError, ValidationError
 from mongarsd.inference.chat_template import ChatTemplate
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
-from mongarsd.inference.kv_cache import kv_cache_types
+from mongarsd.inference.kv_cache import kv_cache_types, kv_layout
 from mongarsd.inference.sampling import GenerationParams
 from mongarsd.inference.settings import EngineSettings
 from mongarsd.inference.tools import TRIGGER_PATTERN
@@ -53,7 +56,7 @@ def _install_llama_log(llama_cpp: Any) -> None:
 
 
 class LlamaContext:
-    """A GGUF model loaded into llama.cpp with one KV stream per slot and one reused batch.
+    """A GGUF model loaded into llama.cpp with its slots' KV cache and one reused batch.
 
     `load` and `free` block (worker thread; `free` only once no decode can run); `warmup`,
     `piece` and every use of `batch`, `ctx` and `mem` belong to the inference thread;
@@ -79,6 +82,7 @@ class LlamaContext:
         self.batch: Any = None
         self.n_vocab = 0
         self.n_cells = 0  # KV cells of all slots' streams together
+        self.unified = False  # the slots share one pool of n_cells cells
         self.n_ctx_slot = 0  # tokens one request may use in total
         self.info: GGUFInfo | None = None
         self.chat_template: ChatTemplate | None = None
@@ -135,14 +139,15 @@ class LlamaContext:
         n_ctx_train = int(lib.llama_model_n_ctx_train(model))
 
         cparams = lib.llama_context_default_params()
-        per_slot = min(self.n_ctx_req, n_ctx_train) if n_ctx_train > 0 else self.n_ctx_req
-        cparams.n_ctx = per_slot * s.slots
+        layout = kv_layout(n_ctx=self.n_ctx_req, slots=s.slots, kv_pool=s.kv_pool, flash_attn=s.flash_attn, n_ctx_train=n_ctx_train)
+        self.unified = layout.unified
+        cparams.n_ctx = layout.cells
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_ubatch
         cparams.n_seq_max = s.slots
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads_batch
-        cparams.kv_unified = False  # one stream per slot: see the module docstring
+        cparams.kv_unified = layout.unified  # see the module docstring
         cparams.no_perf = True
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         type_k, type_v = kv_cache_types(s.kv_cache_type, flash_attn=s.flash_attn)
@@ -156,7 +161,8 @@ class LlamaContext:
         self.ctx = ctx
         self.mem = lib.llama_get_memory(ctx)
         self.n_cells = int(lib.llama_n_ctx(ctx))
-        self.n_ctx_slot = int(lib.llama_n_ctx_seq(ctx))
+        # unified: llama.cpp lets one sequence use the whole pool; a request gets n_ctx of it
+        self.n_ctx_slot = min(int(lib.llama_n_ctx_seq(ctx)), layout.per_request)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
 
         self.add_bos = bool(lib.llama_vocab_get_add_bos(vocab))

@@ -69,6 +69,7 @@ class EngineStats:
     n_busy_slots_total: int
     kv_cache_tokens: int
     kv_cache_cells: int
+    kv_evictions_total: int = 0  # idle slots' cached prefixes dropped to make room in a shared pool
 
     @property
     def slots_idle(self) -> int:

@@ -50,3 +50,33 @@ def kv_cache_types(name: str, *, flash_attn: bool) -> tuple[KVCacheType, KVCache
     """
     k = KV_CACHE_TYPES[name]
     return k, (k if flash_attn or not k.quantized else UNQUANTIZED_V)
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """How the slots' KV cells are laid out in one llama.cpp context."""
+
+    unified: bool  # one pool shared by every slot (llama.cpp's kv_unified)
+    cells: int  # cells of the whole cache: llama.cpp's n_ctx
+    per_request: int  # tokens one request may use, prompt and answer together
+
+
+def kv_layout(*, n_ctx: int, slots: int, kv_pool: int, flash_attn: bool, n_ctx_train: int = 0) -> KVLayout:
+    """Return the cache layout of the settings (pure).
+
+    `n_ctx` is what one request may use (capped at the model's training context). Without a
+    pool every slot has its own stream of that size. With a pool and flash attention the slots
+    share `kv_pool` cells and the engine reserves each request's cells on admission; flash
+    attention's kernel skips the cells of other sequences, so a stream only pays for its own.
+    Without flash attention every stream would attend over the whole pool (measured: decoding
+    halved), so a pool there is split into one stream of `kv_pool / slots` cells per slot, the
+    same memory.
+    """
+    per = min(n_ctx, n_ctx_train) if n_ctx_train > 0 else n_ctx
+    slots = max(slots, 1)
+    if kv_pool <= 0:
+        return KVLayout(False, per * slots, per)
+    if flash_attn and slots > 1:
+        return KVLayout(True, kv_pool, min(per, kv_pool))
+    each = max(min(per, kv_pool // slots), 1)
+    return KVLayout(False, each * slots, each)

@@ -91,6 +91,7 @@ class LlamaEngine:
             model=self.model_id,
             n_ctx=self._llama.n_cells,
             n_ctx_per_slot=self._llama.n_ctx_slot,
+            kv_unified=self._llama.unified,
             slots=self.slots,
             threads=self._llama.threads,
             threads_batch=self._llama.threads_batch,

@@ -27,7 +27,7 @@ import structlog
 
 from mongarsd.errors import ModelError, MongarsError, NotFoundError, OverloadedError, ValidationError
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
-from mongarsd.inference.kv_cache import KV_CACHE_TYPES, kv_cache_types
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES, kv_cache_types, kv_layout
 from mongarsd.inference.llm import LlamaEngine
 from mongarsd.inference.models import ModelEntry, ModelRegistry, model_id_for
 from mongarsd.inference.settings import EngineSettings
@@ -127,16 +127,25 @@ def kv_bytes_per_cell(info: GGUFInfo, kv_cache_type: str, flash_attn: bool) -> f
     return float(layers * heads_kv * (k_len * k.bytes_per_elem + v_len * v.bytes_per_elem))
 
 
-def estimate_model_mb(file_bytes: int, info: GGUFInfo | None, *, n_ctx: int, kv_cache_type: str, flash_attn: bool, slots: int = 1) -> float:
+def estimate_model_mb(
+    file_bytes: int,
+    info: GGUFInfo | None,
+    *,
+    n_ctx: int,
+    kv_cache_type: str,
+    flash_attn: bool,
+    slots: int = 1,
+    kv_pool: int = 0,
+) -> float:
     """Estimate the resident memory of a loaded model: weights + KV cache + compute buffers (pure).
 
-    `n_ctx` is one slot's context; every slot has its own KV stream of that size.
+    `n_ctx` is one request's context; the cache holds kv_layout's cells.
     """
     weights = file_bytes / 2**20
     if info is None:
         return weights * 1.2 + COMPUTE_OVERHEAD_MB
-    ctx = min(n_ctx, info.context_length or n_ctx) * max(slots, 1)
-    kv = kv_bytes_per_cell(info, kv_cache_type, flash_attn) * ctx / 2**20
+    cells = kv_layout(n_ctx=n_ctx, slots=slots, kv_pool=kv_pool, flash_attn=flash_attn, n_ctx_train=info.context_length or 0).cells
+    kv = kv_bytes_per_cell(info, kv_cache_type, flash_attn) * cells / 2**20
     return weights + kv + COMPUTE_OVERHEAD_MB
 
 
@@ -321,6 +330,7 @@ class InferenceManager:
                 threads=section.threads,
                 threads_batch=section.threads_batch,
                 slots=section.slots,
+                kv_pool=section.kv_pool,
                 queue_depth=section.queue_depth,
                 kv_cache_type=section.kv_cache_type,
                 flash_attn=section.flash_attn,
@@ -619,7 +629,13 @@ class InferenceManager:
                 raise ModelError("cannot read model file " + str(entry.path) + ": " + str(err)) from err
             es = self.engine_settings
             need = estimate_model_mb(
-                entry.size, info, n_ctx=es.n_ctx, kv_cache_type=es.kv_cache_type, flash_attn=es.flash_attn, slots=es.slots
+                entry.size,
+                info,
+                n_ctx=es.n_ctx,
+                kv_cache_type=es.kv_cache_type,
+                flash_attn=es.flash_attn,
+                slots=es.slots,
+                kv_pool=es.kv_pool,
             )
             resident = [Resident(m.entry.id, m.size_mb, m.busy, m.last_used) for m in self._models.values()]
             evict = plan_evictions(self.budget_mb, need, resident)
@@ -755,6 +771,13 @@ class InferenceManager:
                 "counter",
                 "Prompt tokens reused from the prefix cache.",
                 float(stats.cached_tokens_total),
+                labels,
+            )
+            yield (
+                "mongarsd_kv_evictions_total",
+                "counter",
+                "Idle conversations' cached prefixes dropped to make room in the shared KV pool.",
+                float(stats.kv_evictions_total),
                 labels,
             )
             yield ("mongarsd_model_memory_bytes", "gauge", "Estimated memory of the loaded model.", lm.size_mb * 2**20, labels)

@@ -18,6 +18,7 @@ class EngineSettings:
     threads: int = 0  # 0: every CPU this process may run on
     threads_batch: int = 0  # 0: same as threads
     slots: int = 4
+    kv_pool: int = 0  # cells shared by the slots; 0: n_ctx cells per slot (see context.py)
     queue_depth: int = 16  # requests waiting for a slot before new ones are refused
     kv_cache_type: str = "f16"  # a key of KV_CACHE_TYPES
     flash_attn: bool = False
@@ -32,6 +33,8 @@ class EngineSettings:
             raise ValidationError("slots must be >= 1", param="slots")
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValidationError("stream_interval_ms must be between 0 and 1000", param="stream_interval_ms")
+        if self.kv_pool < 0:
+            raise ValidationError("kv_pool must be >= 0", param="kv_pool")
         if self.queue_depth < 0:
             raise ValidationError("queue_depth must be >= 0", param="queue_depth")
         if self.kv_cache_type not in KV_CACHE_TYPES:

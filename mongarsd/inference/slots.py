@@ -58,6 +58,27 @@ def choose_slot(idle: Sequence[SlotCandidate], cache_key: str | None, prompt_len
     return min(idle, key=lambda c: (c.n_cached > 0, c.cache_key is not None, c.last_used, c.index)).index
 
 
+def cells_to_free(need: int, free: int, others: Sequence[SlotCandidate]) -> list[int] | None:
+    """Return the idle slots whose cached prefixes must go so `need` cells fit a shared pool.
+
+    `free` counts the pool's cells not reserved by running requests nor cached by `others` (the
+    idle slots other than the one chosen). Anonymous caches go before conversations', each
+    least recently used first, and only as many as needed: [] when it fits already, None when
+    even an empty pool of idle caches is too small (the request waits for a running one).
+    """
+    if need <= free:
+        return []
+    out: list[int] = []
+    for c in sorted(others, key=lambda c: (c.cache_key is not None, c.last_used, c.index)):
+        if c.n_cached <= 0:
+            continue
+        out.append(c.index)
+        free += c.n_cached
+        if need <= free:
+            return out
+    return None
+
+
 def retry_after_s(queued: int, slots: int, avg_request_s: float) -> float:
     """Estimate when a refused request could be admitted."""
     rounds = queued // max(slots, 1) + 1

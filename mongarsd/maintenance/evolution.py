@@ -95,7 +95,7 @@ FROZEN_TRIAL_COMMAND: Final = EVOLUTION_TRIAL_COMMAND
 TUNING_KIND: Final = "mongarsd.tuning"
 TUNING_VERSION: Final = 1
 LLM_SETTING_KEYS: Final = frozenset(
-    {"threads", "threads_batch", "n_ctx", "n_batch", "n_ubatch", "slots", "kv_cache_type", "flash_attn", "use_mmap", "use_mlock"}
+    {"threads", "threads_batch", "n_ctx", "n_batch", "n_ubatch", "slots", "kv_pool", "kv_cache_type", "flash_attn", "use_mmap", "use_mlock"}
 )
 EMBED_SETTING_KEYS: Final = frozenset({"embed_threads", "embed_graph_opt"})
 # What a peer's result may change here: its context size, slots and mlock are its own choices.
@@ -136,6 +136,8 @@ def settings_from_config(inference: InferenceConfig, board: BoardInfo, *, embed_
     }
     if inference.threads_batch > 0:
         settings["threads_batch"] = inference.threads_batch
+    if inference.kv_pool > 0:  # only when set: configurations without a pool keep their version lines
+        settings["kv_pool"] = inference.kv_pool
     if embed_threads is not None:
         settings["embed_threads"] = max(1, embed_threads)
         settings["embed_graph_opt"] = "all"
@@ -228,6 +230,7 @@ def validate_settings(settings: Mapping[str, Any], *, cores: int) -> Settings:
     integer("n_batch", N_BATCH_MIN, N_BATCH_MAX)
     integer("n_ubatch", 1, int(out.get("n_batch", N_BATCH_MAX)) if isinstance(out.get("n_batch"), int) else N_BATCH_MAX)
     integer("slots", 1, 256)
+    integer("kv_pool", 0, 1 << 22)
     integer("embed_threads", 1, max(cores, 1))
     for key in ("flash_attn", "use_mmap", "use_mlock"):
         if key in out and not isinstance(out[key], bool):

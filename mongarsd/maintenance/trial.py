@@ -47,7 +47,7 @@ EMBED_TEXTS: Final = (
     "Embeddings turn sentences into vectors that can be compared by cosine similarity.",
 ) * 4
 LLM_KEYS: Final = frozenset(
-    {"threads", "threads_batch", "n_ctx", "n_batch", "n_ubatch", "slots", "kv_cache_type", "flash_attn", "use_mmap", "use_mlock"}
+    {"threads", "threads_batch", "n_ctx", "n_batch", "n_ubatch", "slots", "kv_pool", "kv_cache_type", "flash_attn", "use_mmap", "use_mlock"}
 )
 EMBED_KEYS: Final = frozenset({"embed_threads", "embed_graph_opt"})
 GRAPH_OPT_LEVELS: Final = ("disable", "basic", "extended", "all")
@@ -94,9 +94,10 @@ def engine_settings(settings: Mapping[str, Any]) -> Any:
         "n_batch": _int(settings, "n_batch", 512),
         "n_ubatch": _int(settings, "n_ubatch", 512),
         "slots": _int(settings, "slots", 1),
+        "kv_pool": _int(settings, "kv_pool", 0),
     }
     for key, value in values.items():
-        if value < (0 if key.startswith("threads") else 1):
+        if value < (0 if key.startswith("threads") or key == "kv_pool" else 1):
             raise TrialError(f"setting {key} is out of range: {value}")
     try:
         return EngineSettings(

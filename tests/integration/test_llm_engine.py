@@ -285,6 +285,58 @@ async def test_each_slot_owns_its_context_and_keeps_its_cache() -> None:
         await eng.async_stop()
 
 
+async def test_a_shared_pool_reserves_cells_and_drops_idle_caches_only_when_short() -> None:
+    # Three slots share 512 cells with flash attention (the generic profile's layout, smaller):
+    # each request reserves prompt + max_tokens; idle conversations keep their cached prefixes
+    # until a new request needs the room, then the least recently used one goes.
+    eng = make_engine(n_ctx=256, slots=3, kv_pool=512, flash_attn=True, warmup=False)
+    await eng.async_start()
+    try:
+        assert eng.n_ctx == 512 and eng.n_ctx_per_slot == 256
+        texts = ("The sea is blue and the sky is wide. ", "Mountains rise over green valleys. ", "Old trains cross the desert at night. ")
+        prompts = {k: eng.tokenize(t * 60, add_special=True)[:200] for k, t in zip("abc", texts, strict=True)}
+        assert all(len(p) == 200 for p in prompts.values())
+        greedy = GenerationParams(max_tokens=20, temperature=0)  # reserves 220 cells, leaves 201..219 cached
+        for key in "ab":
+            _, ev = await collect(eng, prompts[key], greedy, cache_key=key)
+            assert ev.cached_tokens == 0
+        assert eng.stats().kv_evictions_total == 0
+        _, ev_c = await collect(eng, prompts["c"], greedy, cache_key="c")  # 512 - a - b < 220: a goes
+        assert ev_c.cached_tokens == 0
+        assert eng.stats().kv_evictions_total == 1
+        _, ev_b = await collect(eng, prompts["b"], greedy, cache_key="b")  # b was kept
+        assert ev_b.cached_tokens >= len(prompts["b"]) - 1
+        assert eng.stats().kv_evictions_total == 1
+        _, ev_a = await collect(eng, prompts["a"], greedy, cache_key="a")  # a was dropped; c is now the oldest
+        assert ev_a.cached_tokens == 0
+        assert eng.stats().kv_evictions_total == 2
+        _, ev_b2 = await collect(eng, prompts["b"], greedy, cache_key="b")
+        assert ev_b2.cached_tokens >= len(prompts["b"]) - 1
+        assert eng.stats().kv_cache_tokens <= eng.n_ctx
+
+        # Three requests reserving 200 + 56 = 256 cells each: two run, the third waits for
+        # cells (not for a slot: one is idle) and starts once a running one ends.
+        long = GenerationParams(max_tokens=56, temperature=0.7, seed=1)
+        streams = [eng.async_generate(prompts[k], long, cache_key=k + "2") for k in "abc"]
+        for st in streams[:2]:
+            assert not (await anext(st)).final
+        third = asyncio.ensure_future(anext(streams[2]))
+        await asyncio.sleep(0.05)
+        stats = eng.stats()
+        assert not third.done()
+        assert stats.slots_busy == 2 and stats.requests_deferred == 1
+        await streams[0].aclose()
+        assert not (await asyncio.wait_for(third, timeout=30)).final
+        for st in streams[1:]:
+            async for ev in st:
+                if ev.final:
+                    assert ev.finish_reason in ("length", "stop")
+        stats = eng.stats()
+        assert stats.kv_cache_tokens <= eng.n_ctx and stats.slots_busy == 0
+    finally:
+        await eng.async_stop()
+
+
 async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None:
     # the grammar forces text whose emoji spans several byte-level tokens
     assert len(engine.tokenize("🐱", add_special=False)) > 1

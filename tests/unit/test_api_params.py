@@ -316,5 +316,10 @@ def test_memory_estimates() -> None:
     assert kv_bytes_per_cell(info, "q8_0", False) == pytest.approx(30 * 3 * 64 * (34 / 32 + 2))  # V stays f16
     mb = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=False)
     assert 100 + 45 < mb < 100 + 45 + 64
+    # four slots sharing a pool of 4096 cells cost what two streams of 2048 do, not four
+    pooled = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=4, kv_pool=4096)
+    two = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=2)
+    four = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=4)
+    assert pooled == two and four - pooled == pytest.approx(23040 * 4096 / 2**20)
     assert effective_budget_mb(0, 4000) == pytest.approx(2400)
     assert effective_budget_mb(512, 4000) == 512

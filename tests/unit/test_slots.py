@@ -12,7 +12,7 @@ from mongarsd.errors import ValidationError
 from mongarsd.inference.chat_template import ChatTemplate
 from mongarsd.inference.events import EngineStats
 from mongarsd.inference.grammar import GrammarCompiler
-from mongarsd.inference.kv_cache import KV_CACHE_TYPES, kv_cache_types
+from mongarsd.inference.kv_cache import KV_CACHE_TYPES, KVLayout, kv_cache_types, kv_layout
 from mongarsd.inference.sampling import (
     JSON_GBNF,
     GenerationParams,
@@ -26,6 +26,7 @@ from mongarsd.inference.slots import (
     MAX_RETRY_AFTER_S,
     MIN_RETRY_AFTER_S,
     SlotCandidate,
+    cells_to_free,
     choose_slot,
     common_prefix_len,
     retry_after_s,
@@ -223,6 +224,51 @@ def test_engine_stats_metric_names() -> None:
     assert stats.slots_idle == 3
 
 
+def test_cells_to_free_drops_only_what_the_request_needs() -> None:
+    others = [
+        cand(1, key="conv-old", cached=300, used=1),
+        cand(2, cached=200, used=5),  # anonymous: goes first although used later
+        cand(3, key="conv-new", cached=300, used=9),
+        cand(4),  # empty: never worth dropping
+    ]
+    assert cells_to_free(100, 100, others) == []
+    assert cells_to_free(250, 100, others) == [2]
+    assert cells_to_free(301, 100, others) == [2, 1]
+    assert cells_to_free(900, 100, others) == [2, 1, 3]
+    assert cells_to_free(901, 100, others) is None  # waits for a running request
+    assert cells_to_free(10, -5, []) is None
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 500), st.booleans(), st.integers(0, 50)), max_size=6),
+    st.integers(1, 2000),
+    st.integers(-500, 2000),
+)
+def test_cells_to_free_makes_room_or_says_it_cannot(idle: list[tuple[int, bool, int]], need: int, free: int) -> None:
+    others = [cand(i, key="k" if keyed else None, cached=n, used=used) for i, (n, keyed, used) in enumerate(idle)]
+    out = cells_to_free(need, free, others)
+    if out is None:
+        assert free + sum(c.n_cached for c in others) < need
+    else:
+        assert len(set(out)) == len(out)
+        gained = sum(others[i].n_cached for i in out)
+        assert free + gained >= need
+        if out:  # minimal: without the last one dropped it would not fit
+            assert free + gained - others[out[-1]].n_cached < need
+
+
+def test_kv_layout_per_slot_streams_or_one_shared_pool() -> None:
+    assert kv_layout(n_ctx=2048, slots=2, kv_pool=0, flash_attn=True) == KVLayout(False, 4096, 2048)
+    assert kv_layout(n_ctx=2048, slots=4, kv_pool=4096, flash_attn=True) == KVLayout(True, 4096, 2048)
+    assert kv_layout(n_ctx=8192, slots=4, kv_pool=4096, flash_attn=True) == KVLayout(True, 4096, 4096)
+    # without flash attention the pool is split: the same memory, one stream per slot
+    assert kv_layout(n_ctx=2048, slots=4, kv_pool=4096, flash_attn=False) == KVLayout(False, 4096, 1024)
+    assert kv_layout(n_ctx=512, slots=4, kv_pool=4096, flash_attn=False) == KVLayout(False, 2048, 512)
+    assert kv_layout(n_ctx=2048, slots=1, kv_pool=1024, flash_attn=True) == KVLayout(False, 1024, 1024)
+    # the model's training context caps a request
+    assert kv_layout(n_ctx=4096, slots=2, kv_pool=0, flash_attn=False, n_ctx_train=2048) == KVLayout(False, 4096, 2048)
+
+
 def test_kv_cache_v_is_quantized_only_with_flash_attention() -> None:
     q8, f16, bf16 = KV_CACHE_TYPES["q8_0"], KV_CACHE_TYPES["f16"], KV_CACHE_TYPES["bf16"]
     assert kv_cache_types("q8_0", flash_attn=False) == (q8, f16)
@@ -231,7 +277,13 @@ def test_kv_cache_v_is_quantized_only_with_flash_attention() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bad", "param"), [({"slots": 0}, "slots"), ({"queue_depth": -1}, "queue_depth"), ({"kv_cache_type": "q3_k"}, "kv_cache_type")]
+    ("bad", "param"),
+    [
+        ({"slots": 0}, "slots"),
+        ({"kv_pool": -1}, "kv_pool"),
+        ({"queue_depth": -1}, "queue_depth"),
+        ({"kv_cache_type": "q3_k"}, "kv_cache_type"),
+    ],
 )
 def test_engine_settings_refuse_what_the_engine_cannot_run(bad: dict[str, Any], param: str) -> None:
     with pytest.raises(ValidationError) as exc:
