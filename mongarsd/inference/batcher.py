@@ -61,7 +61,6 @@ class Request:
         "params",
         "pos",
         "prompt",
-        "reserve",
         "sampler",
         "stopper",
         "t_first",
@@ -94,7 +93,6 @@ class Request:
         self.pos = 0  # next prompt index to decode
         self.n_cached = 0
         self.n_decoded = 0
-        self.reserve = 0  # cells held in a shared pool (prompt + max_tokens)
         self.last_token = -1
         self.generating = False
         self.t_submit = time.perf_counter()
@@ -366,9 +364,9 @@ class Batcher:
         Running requests keep their reservations and idle slots their cached prefixes until the
         pool is short; then idle caches go (slots.cells_to_free). False: it cannot fit yet.
         """
-        need = min(len(req.prompt) + req.params.max_tokens, self._llama.n_ctx_slot)
+        need = self._cells_for(req)
         others = [c for c in cands if c.index != index]
-        reserved = sum(s.req.reserve for s in self.slots if s.req is not None)
+        reserved = sum(self._cells_for(s.req) for s in self.slots if s.req is not None)
         evict = cells_to_free(need, self._pool - reserved - sum(c.n_cached for c in others), others)
         if evict is None:
             return False
@@ -378,8 +376,11 @@ class Batcher:
             self.slots[i].tokens.clear()
             self.slots[i].cache_key = None
         self._evicted_total += len(evict)
-        req.reserve = need
         return True
+
+    def _cells_for(self, req: Request) -> int:
+        """Return the cells a request may fill: its prompt and every token it may generate."""
+        return min(len(req.prompt) + req.params.max_tokens, self._llama.n_ctx_slot)
 
     def _step(self, active: list[Slot], out: Outbox) -> None:
         """Build one batch from all active slots, decode it, sample and emit (thread only)."""
