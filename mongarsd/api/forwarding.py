@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, Final
 
 import structlog
@@ -161,11 +162,12 @@ async def _async_try_peer(
         return None
     headers = mesh.sign_forward(route.node_id, method=request.method, path_qs=request.path_qs, body=raw, hops=hops + 1, user=user)
     t0 = time.monotonic()
-    with mesh.track_forward(route.node_id):
+    with mesh.track_forward(route.node_id) as track:
         try:
             resp = await async_relay(
                 session, url=route.base_url + request.path_qs, request=request, body=raw, headers=headers, stream=stream
             )
+            track.answered = resp.status == HTTPStatus.OK
         except PeerFailure as err:
             if err.breaker:
                 breaker.record_failure()

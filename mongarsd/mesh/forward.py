@@ -88,8 +88,11 @@ def signing_payload(*, target: str, method: str, path_qs: str, ts_ms: int, nonce
 
 
 @functools.cache
-def _boot_id() -> bytes:
-    """Return this boot's id (constant for the process; random where the kernel has none)."""
+def boot_id() -> bytes:
+    """Return this boot's id (constant for the process; random where the kernel has none).
+
+    The first call reads procfs: the mesh makes it off the loop when it starts (blocking).
+    """
     try:
         return Path(BOOT_ID_PATH).read_text(encoding="ascii").strip().encode()  # procfs: no I/O wait
     except (OSError, UnicodeDecodeError):
@@ -110,7 +113,7 @@ def make_nonce(*, session: bytes | None = None, position_us: int | None = None) 
     position = int(boot_clock() * 1_000_000) if position_us is None else position_us
     epoch, position = divmod(position, 2 ** (8 * _STAMP_POSITION_BYTES))  # wraps after 8.9 years up
     if session is None:
-        session = hashlib.sha256(_boot_id() + epoch.to_bytes(4, "big")).digest()[:_STAMP_SESSION_BYTES]
+        session = hashlib.sha256(boot_id() + epoch.to_bytes(4, "big")).digest()[:_STAMP_SESSION_BYTES]
     raw: bytes = (
         const.NONCE_STAMP_MARKER + session + position.to_bytes(_STAMP_POSITION_BYTES, "big") + secrets.token_bytes(_STAMP_UNIQ_BYTES)
     )

@@ -4,9 +4,10 @@ Candidates are this node plus alive peers that have the model (loaded, or on dis
 and whose breaker is not open. Nodes with the model already loaded come first; within a tier
 the lowest expected completion time wins, where
 
-    expected = (1 + (queue_depth + busy_slots + pending) / slots) * expected_tokens / tokens_per_s
+    expected = (1 + (queue_depth + busy_slots - finished + pending) / slots) * expected_tokens / tokens_per_s
 
-(`pending` = requests this node forwarded there that the peer's gossiped state cannot show yet).
+(`pending` = requests this node forwarded there that the peer's gossiped state cannot show yet;
+`finished` = requests of ours that the state still shows running, although their answers came back).
 This node wins ties within `tie_margin` (relative): forwarding costs a LAN round trip and the
 peer's numbers are up to a second old. A request that already made `hop_limit` hops runs here.
 Unlike the original DistributedScheduler, which ran everything locally and broadcast results,
@@ -46,6 +47,7 @@ class NodeLoad:
     tokens_per_s: float = 0.0
     throttled: bool = False
     pending: int = 0  # requests we forwarded there, not yet visible in its gossip
+    finished: int = 0  # our forwards its gossip still shows running, though their answers came back
     reachable: bool = True  # has an API address we can call
 
     @property
@@ -80,7 +82,7 @@ def expected_completion_s(node: NodeLoad, *, expected_tokens: int, model: str, u
     """
     tps = node.tokens_per_s if measured(node.tokens_per_s) else unknown_tokens_per_s
     per_token_s = 1.0 / tps
-    ahead = node.queue_depth + node.busy_slots + node.pending
+    ahead = max(0, node.queue_depth + node.busy_slots - node.finished) + node.pending
     factor = 1.0 + ahead / max(1, node.slots_total)
     tokens = max(1, expected_tokens)
     if model not in node.models_loaded:
@@ -145,6 +147,19 @@ def unseen_forwards(started_at: Iterable[float], *, state_at: float, lag_s: floa
     return sum(1 for t in started_at if t > state_at - lag_s)
 
 
+def unseen_completions(spans: Iterable[tuple[float, float]], *, state_at: float, lag_s: float = STATE_LAG_S) -> int:
+    """Count our forwards the peer's state (received at `state_at`) shows running though they finished (pure).
+
+    `spans` are (started, finished) wall-clock times of forwards the peer answered. One that
+    started before the state (not counted as pending) and finished after it received is still
+    in the state's busy slots: a peer that just finished a batch looked full for up to a publish
+    interval plus gossip delay, and its slots idled while the entry queued the clients' next
+    requests. A forward that started within `lag_s` of the state was counted as pending, not
+    as busy, so its completion changes nothing here.
+    """
+    return sum(1 for started, finished in spans if started <= state_at - lag_s and finished > state_at)
+
+
 def expected_tokens_of(body: Mapping[str, Any], default: int = DEFAULT_EXPECTED_TOKENS) -> int:
     """Return the requested output budget of an OpenAI or Ollama body (pure, never raises)."""
     candidates: list[Any] = [body.get("max_completion_tokens"), body.get("max_tokens")]
@@ -157,7 +172,7 @@ def expected_tokens_of(body: Mapping[str, Any], default: int = DEFAULT_EXPECTED_
     return default
 
 
-def load_from_state(node_id: str, meta: Mapping[str, Any], *, pending: int = 0) -> NodeLoad:
+def load_from_state(node_id: str, meta: Mapping[str, Any], *, pending: int = 0, finished: int = 0) -> NodeLoad:
     """Build a NodeLoad from a peer's gossiped state, tolerating missing fields (pure)."""
 
     def num(key: str, default: float) -> float:
@@ -181,5 +196,6 @@ def load_from_state(node_id: str, meta: Mapping[str, Any], *, pending: int = 0) 
         tokens_per_s=max(0.0, num("tokens_per_s", 0.0)),
         throttled=meta.get("throttled") is True,
         pending=pending,
+        finished=max(0, finished),
         reachable=isinstance(meta.get("api_host"), str) and bool(meta.get("api_host")) and isinstance(meta.get("api_port"), int),
     )

@@ -30,7 +30,7 @@ from mongarsd.const import PERSONA_MODEL_ID
 from mongarsd.errors import AuthError, ConfigError, MeshError, WireError
 from mongarsd.mesh import const
 from mongarsd.mesh.breaker import BreakerBoard, BreakerState, CircuitBreaker
-from mongarsd.mesh.forward import H_SIG, RequestVerifier, VerifiedPeer, sign_headers
+from mongarsd.mesh.forward import H_SIG, RequestVerifier, VerifiedPeer, boot_id, sign_headers
 from mongarsd.mesh.gossip import GossipNode, MemberView, select_timing
 from mongarsd.mesh.identity import NodeIdentity
 from mongarsd.mesh.interfaces import async_select_host_interfaces
@@ -38,7 +38,7 @@ from mongarsd.mesh.keyring import Keyring, async_watch_keyring, key_id
 from mongarsd.mesh.local import LocalInference, LocalStats, fit_state, read_temperature
 from mongarsd.mesh.membership import EventKind
 from mongarsd.mesh.peers import PeerStore, StaticPeer, url_host_port
-from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank, unseen_forwards
+from mongarsd.mesh.scheduler import NodeLoad, expected_tokens_of, load_from_state, rank, unseen_completions, unseen_forwards
 from mongarsd.mesh.transport import UdpTcpTransport, free_port
 from mongarsd.mesh.wire import Addr
 from mongarsd.supervisor import TaskSupervisor
@@ -61,10 +61,22 @@ STATIC_REJOIN_INTERVAL_S: Final = 30.0
 HELLO_TIMEOUT_S: Final = 3.0
 MESSAGE_TIMEOUT_S: Final = 5.0
 INBOX_MAX: Final = 64
+# Answered forwards are kept this long (and at most this many per peer) for the scheduler to
+# subtract until the peer's gossiped state shows them done: a few publish intervals is plenty.
+FINISHED_KEEP_S: Final = 10.0
+FINISHED_KEEP_MAX: Final = 256
 MAX_JOIN_TASKS: Final = 32
 MAX_MODEL_IDS: Final = 16
 THROTTLE_FALLBACK_C: Final = 80.0
 ALIVE_STATES: Final = frozenset({"alive", "suspect"})
+
+
+@dataclasses.dataclass(slots=True)
+class ForwardTrack:
+    """One forward in flight; the caller sets `answered` once the peer served it (200)."""
+
+    started: float
+    answered: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,6 +142,7 @@ class MeshService:
         # Shared with the gossip node and discovery we build; each cancels only its own tasks on stop.
         self._tasks = tasks if tasks is not None else TaskSupervisor()
         self._pending: dict[str, list[float]] = {}  # peer -> wall-clock starts of forwards in flight
+        self._finished: dict[str, deque[tuple[float, float]]] = {}  # peer -> (start, end) of answered forwards
         self.inbox: deque[dict[str, Any]] = deque(maxlen=INBOX_MAX)
         self._message_listeners: list[Callable[[dict[str, Any]], bool]] = []
         self.counters: Counter[str] = Counter()
@@ -277,7 +290,12 @@ class MeshService:
     def plan(self, *, model: str, hops: int = 0, exclude: Iterable[str] = (), expected_tokens: int = 128) -> list[NodeLoad]:
         """Return the nodes to try for a request, best first (this node always included)."""
         peers = [
-            load_from_state(m.node_id, m.meta, pending=unseen_forwards(self._pending.get(m.node_id, ()), state_at=m.updated_at))
+            load_from_state(
+                m.node_id,
+                m.meta,
+                pending=unseen_forwards(self._pending.get(m.node_id, ()), state_at=m.updated_at),
+                finished=unseen_completions(self._finished.get(m.node_id, ()), state_at=m.updated_at),
+            )
             for m in self.members()
             if m.state == "alive" and m.node_id != self.node_id
         ]
@@ -324,20 +342,34 @@ class MeshService:
         return sign_headers(self.identity, target=node_id, method=method, path_qs=path_qs, body=body, hops=hops, user=user)
 
     @contextlib.contextmanager
-    def track_forward(self, node_id: str) -> Iterator[None]:
-        """Count a request in flight to a peer, so the scheduler sees its load before gossip does."""
+    def track_forward(self, node_id: str) -> Iterator[ForwardTrack]:
+        """Count a request in flight to a peer, so the scheduler sees its load before gossip does.
+
+        When the caller marks it answered, its end is kept too: until the peer's next state
+        arrives, the scheduler counts that slot free (see scheduler.unseen_completions).
+        """
         # wall clock, as MemberView.updated_at (when we received the peer's current state)
-        started = time.time()
-        self._pending.setdefault(node_id, []).append(started)
+        track = ForwardTrack(started=time.time())
+        self._pending.setdefault(node_id, []).append(track.started)
         try:
-            yield
+            yield track
         finally:
             starts = self._pending.get(node_id)
             if starts is not None:
                 with contextlib.suppress(ValueError):
-                    starts.remove(started)
+                    starts.remove(track.started)
                 if not starts:
                     del self._pending[node_id]
+            if track.answered:
+                self._note_finished(node_id, track.started, time.time())
+
+    def _note_finished(self, node_id: str, started: float, ended: float) -> None:
+        spans = self._finished.get(node_id)
+        if spans is None:
+            spans = self._finished[node_id] = deque(maxlen=FINISHED_KEEP_MAX)
+        while spans and spans[0][1] < ended - FINISHED_KEEP_S:
+            spans.popleft()
+        spans.append((started, ended))
 
     # --- messages -----------------------------------------------------------------------------
 
@@ -400,6 +432,7 @@ class MeshService:
                 f"`mongarsd keys install KEY --state-dir DIR`"
             )
         self.keyring = await asyncio.to_thread(Keyring.load, path)
+        await asyncio.to_thread(boot_id)  # read once here, not on the loop when the first forward is signed
         timing = select_timing(str(mcfg.timing))
         selection = await async_select_host_interfaces(tuple(mcfg.interfaces), skip_virtual=bool(mcfg.skip_virtual_interfaces))
         addrs = [a for i in selection.chosen for a in i.addresses("v4")]
@@ -583,6 +616,7 @@ class MeshService:
                 m = ev.member
                 if ev.kind in (EventKind.FAIL, EventKind.LEAVE):
                     self._pending.pop(m.node_id, None)
+                    self._finished.pop(m.node_id, None)
                 # GossipNode logs joins/leaves/failures itself at info; keep ours for debugging.
                 log.debug(
                     "mesh_event",

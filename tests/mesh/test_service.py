@@ -411,6 +411,28 @@ async def test_busy_node_forwards_to_idle_peer_with_signed_origin_user(trio: lis
     assert headers[H_SERVED_BY] == a.mesh.node_id and doc["node"] == a.mesh.node_id
 
 
+async def test_an_answered_forward_frees_the_peer_slot_before_its_next_state(trio: list[Node]) -> None:
+    a, b, _ = trio
+    bid = b.mesh.node_id
+    assert bid is not None
+    status, headers, _ = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS, "max_tokens": 4})
+    assert status == 200 and headers[H_SERVED_BY] == bid
+    [(started, ended)] = a.mesh._finished[bid]
+    assert started <= ended <= time.time()
+    # B's state still shows a busy slot of ours that has answered: the plan counts it free.
+    b.llm.busy = 1
+    await wait_until(lambda: (m := a.mesh.gossip.member(bid)) is not None and m.meta.get("slots_free") == 1, 5.0)  # type: ignore[union-attr]
+    state_at = a.mesh.gossip.member(bid).updated_at  # type: ignore[union-attr]
+    a.mesh._note_finished(bid, state_at - 5.0, time.time())  # started before that state, answered after it
+    [peer] = [n for n in a.mesh.plan(model=M) if n.node_id == bid]
+    assert peer.finished == 1 and peer.busy_slots == 1
+    # A forward the peer did not serve (refused, or failed) frees nothing.
+    kept = list(a.mesh._finished[bid])
+    with a.mesh.track_forward(bid):
+        pass
+    assert list(a.mesh._finished[bid]) == kept
+
+
 async def test_stream_passes_through(trio: list[Node]) -> None:
     a, b, _ = trio
     status, headers, text = await post(a.url + "/v1/chat/completions", {"model": M, "messages": MSGS, "stream": True}, raw=True)

@@ -11,6 +11,7 @@ from mongarsd.mesh.scheduler import (
     expected_tokens_of,
     load_from_state,
     rank,
+    unseen_completions,
 )
 
 M = "smollm2-135m-instruct:q4_1"
@@ -89,6 +90,39 @@ def test_pending_forwards_count_as_load() -> None:
     me = node("me", local=True, slots_free=0, queue_depth=2)
     assert order(me, [node("a", pending=0)])[0] == "a"
     assert order(me, [node("a", pending=12)])[0] == "me"
+
+
+def test_answered_forwards_free_the_peer_slots_its_state_still_shows_busy() -> None:
+    me = node("me", local=True, slots_free=0, queue_depth=1)
+    full = {"slots_free": 0, "queue_depth": 0}
+    assert order(me, [node("a", **full)])[0] == "me"  # both full: local wins the tie
+    assert order(me, [node("a", **full, finished=2)])[0] == "a"  # two of its four slots are free by now
+    # never below an idle peer, and pending forwards still count on top
+    idle = node("a", finished=3)
+    assert expected_completion_s(idle, expected_tokens=100, model=M) == expected_completion_s(node("a"), expected_tokens=100, model=M)
+    assert expected_completion_s(node("a", **full, finished=2, pending=2), expected_tokens=100, model=M) == expected_completion_s(
+        node("a", **full), expected_tokens=100, model=M
+    )
+
+
+def test_unseen_completions_count_forwards_the_state_still_shows_running() -> None:
+    state_at = 100.0
+    spans = [
+        (90.0, 101.0),  # started before the state, answered after it: the state shows it busy
+        (95.0, 99.0),  # answered before the state: the state shows it done
+        (99.9, 102.0),  # started within the lag: counted as pending, not busy
+        (80.0, 100.0),  # answered exactly when the state arrived: assume the state saw it
+    ]
+    assert unseen_completions(spans, state_at=state_at) == 1
+    assert unseen_completions(spans, state_at=state_at, lag_s=0.0) == 2
+    assert unseen_completions(spans, state_at=103.0) == 0  # a newer state shows them all
+    assert unseen_completions([], state_at=state_at) == 0
+
+
+def test_a_peer_state_carries_finished_forwards_but_never_negative() -> None:
+    meta = {"models_loaded": [M], "slots_total": 4, "slots_free": 0, "api_host": "10.0.0.2", "api_port": 8642}
+    assert load_from_state("a", meta, finished=2).finished == 2
+    assert load_from_state("a", meta, finished=-1).finished == 0
 
 
 def test_unreachable_peer_and_self_in_peers_are_ignored() -> None:
