@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install what packaging/dist/build.sh needs on this Debian machine (as root, idempotent):
 # mmdebstrap for the build roots, patchelf for the libraries' RUNPATH; for arm64 also the cross compiler and qemu-user with its
-# binfmt handler enabled (an arm64 root's programs then run here, emulated).
+# binfmt handler enabled (an arm64 root's programs then run here, emulated), and arch-test, with which mmdebstrap checks
+# that the foreign architecture runs (only a Recommends of mmdebstrap, which --no-install-recommends leaves out).
 set -euo pipefail
 ARCH="${1:-x86_64}"
 pkgs=(mmdebstrap patchelf)
-[ "$ARCH" = arm64 ] && pkgs+=(crossbuild-essential-arm64 qemu-user-static binfmt-support)
+[ "$ARCH" = arm64 ] && pkgs+=(crossbuild-essential-arm64 qemu-user-static binfmt-support arch-test)
 missing=()
 for p in "${pkgs[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" = "install ok installed" ] || missing+=("$p")
