@@ -217,13 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mongarsd.maintenance import trial
 
         return trial.main(args_list[1:])
+    if "structlog" not in sys.modules:
+        # structlog formats exceptions with rich whenever rich is importable (a test dependency
+        # brings it); mongarsd logs plain tracebacks, so rich and pygments (3.4 MB resident) stay
+        # out of its processes. Before build_parser: the subcommands' modules import structlog.
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     parser = build_parser()
     args = parser.parse_args(args_list)
-    if args.func is cmd_run and "structlog" not in sys.modules:
-        # structlog formats exceptions with rich whenever rich is importable (a test dependency
-        # brings it); the daemon logs plain tracebacks, so rich and pygments (3.4 MB resident)
-        # stay out of its process.
-        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     from mongarsd.log import configure_logging
 
     # Commands print their results on stdout; logs go to stderr, quietly, unless `run` says otherwise.
