@@ -100,8 +100,10 @@ def _rate(n: int, seconds: float) -> float:
 
 async def async_measure(model_dir: Path, threads: int) -> dict[str, dict[str, list[float]]]:
     """Interleave Embedder and bare session for both variants; return embeddings/s samples."""
+    from mongarsd.heap import tune_malloc
     from mongarsd.inference.embed import Embedder
 
+    tune_malloc()  # the malloc settings `mongarsd run` starts with, for both sides of the ratio
     rates: dict[str, dict[str, list[float]]] = {v: {"embedder": [], "bare": []} for v in FILES}
     embedders = {
         v: Embedder(model_dir=model_dir, variant=v, threads=threads, batch_size=BATCH, cache_entries=0, preload=True) for v in FILES

@@ -28,11 +28,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     from mongarsd.daemon import Daemon
-    from mongarsd.heap import limit_malloc_arenas
+    from mongarsd.heap import tune_malloc
     from mongarsd.log import configure_logging
 
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        limit_malloc_arenas()
+    tune_malloc()
     loaded, board = load_from_args(args)
     configure_logging(loaded.config.log.format, loaded.config.log.level)
     _activate_llama_build(loaded.config.inference.cpu_variant)

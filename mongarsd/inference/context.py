@@ -25,6 +25,7 @@ import numpy as np
 import structlog
 
 from mongarsd.errors import InferenceError, ModelError, ValidationError
+from mongarsd.heap import trim_heap
 from mongarsd.inference.chat_template import ChatTemplate
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
 from mongarsd.inference.kv_cache import kv_cache_types, kv_layout
@@ -208,6 +209,7 @@ class LlamaContext:
             lib.llama_model_free(self.model)
             self.model = None
             self.vocab = None
+        trim_heap()  # the KV cache and compute buffers come from the heap (heap.MMAP_THRESHOLD)
 
     # ------------------------------------------------------------------ text <-> tokens
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import structlog
 
 from mongarsd.errors import EmbedderUnavailableError, ValidationError
+from mongarsd.heap import trim_heap
 from mongarsd.inference.onnx_convert import CONVERT_VERSION, model_convert_version
 
 log = structlog.get_logger("mongarsd.embed")
@@ -33,6 +34,11 @@ MAX_TEXTS_PER_REQUEST: Final = 2048
 VARIANT_FILES: Final = {"int8": "model.int8.onnx", "fp32": "model.onnx"}
 REQUIRED_FILES: Final = ("tokenizer.json", "config.json")
 OUTPUT_NAME: Final = "sentence_embedding"
+# Once no batch has run for this long, the batches' freed buffers go back to the OS (they stay
+# in glibc's heap during a burst: see mongarsd.heap.MMAP_THRESHOLD). A client that sends a batch
+# every few seconds keeps them: trimmed 2 s after each batch, its next first batch faulted them in
+# again (P6 0.90-0.96 of a bare session with 2.5 s between batches; 0.99-1.01 kept).
+TRIM_IDLE_S: Final = 10.0
 INSTALL_HINT: Final = "install it with `python -m mongarsd.inference.defaults --models-dir DIR`"
 # Accelerated providers we try first when present, in order of preference.
 KNOWN_PROVIDERS: Final = (
@@ -128,6 +134,8 @@ class Embedder:
         self._last_error: str | None = None
         # Loop-side state.
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self.trims = 0  # idle trims handed to the worker thread
         self._last_used = time.monotonic()
         self._in_flight = 0
         self._stats = {
@@ -200,6 +208,9 @@ class Embedder:
 
     async def async_stop(self) -> None:
         """Drop the session and stop the worker thread (idempotent)."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -247,6 +258,7 @@ class Embedder:
             finally:
                 self._in_flight -= 1
                 self._last_used = time.monotonic()
+                self._schedule_trim()
             self._stats["batches"] += batches
             for text, vec in zip(missing, vectors, strict=True):
                 vec.flags.writeable = False
@@ -310,6 +322,20 @@ class Embedder:
         self._cache.move_to_end(text)
         while len(self._cache) > self.cache_entries:
             self._cache.popitem(last=False)
+
+    def _schedule_trim(self) -> None:
+        """(Re)arm the idle trim: TRIM_IDLE_S after the last batch (loop only)."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+        self._trim_handle = asyncio.get_running_loop().call_later(TRIM_IDLE_S, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim_handle = None
+        executor = self._executor
+        if executor is None or self._in_flight:
+            return  # stopped, or a batch is running: its end re-arms the trim
+        self.trims += 1
+        executor.submit(trim_heap)  # malloc_trim walks every arena: off the loop, behind no batch
 
     async def _async_call(self, fn: Any, *args: Any) -> Any:
         executor = self._executor
@@ -402,6 +428,8 @@ class Embedder:
         """Drop the session (worker thread); return True if one was loaded."""
         had = self._session is not None
         self._session = None
+        if had:
+            trim_heap()  # the session's weights and buffers
         return had
 
     def _embed_blocking(self, texts: list[str]) -> tuple[list[Vectors], int]:

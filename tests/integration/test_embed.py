@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import structlog
 from tokenizers import Tokenizer
 
 from mongarsd.errors import EmbedderUnavailableError, ValidationError
+from mongarsd.inference import embed as embed_mod
 from mongarsd.inference import onnx_convert as oc
 from mongarsd.inference.defaults import EMBED_DIR_NAME, install_default_models
 from mongarsd.inference.embed import MAX_TEXTS_PER_REQUEST, Embedder, select_providers
@@ -250,6 +252,34 @@ async def test_idle_unload_then_transparent_reload(model_dir: Path) -> None:
         assert emb.stats()["unloads"] == 1
     finally:
         await emb.async_stop()
+
+
+async def test_a_burst_keeps_its_buffers_and_hands_them_back_once_idle(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[str] = []
+
+    def recording_trim() -> None:
+        trims.append(threading.current_thread().name)
+        real_trim()
+
+    real_trim = embed_mod.trim_heap
+    monkeypatch.setattr(embed_mod, "trim_heap", recording_trim)
+    monkeypatch.setattr(embed_mod, "TRIM_IDLE_S", 0.2)
+    emb = Embedder(model_dir=model_dir, cache_entries=0)
+    await emb.async_start()
+    try:
+        for i in range(4):  # a burst: each batch re-arms the idle timer
+            await emb.async_embed([f"burst {i} text {j}" for j in range(8)])
+        assert trims == [] and emb.trims == 0
+        for _ in range(100):
+            if trims:
+                break
+            await asyncio.sleep(0.02)
+        assert emb.trims == 1 and len(trims) == 1 and trims[0].startswith("mongarsd-embed")
+        await asyncio.sleep(0.4)
+        assert emb.trims == 1  # nothing ran since: no second trim
+    finally:
+        await emb.async_stop()
+    assert len(trims) == 2  # stopping drops the session and hands its memory back too
 
 
 async def test_not_idle_yet_is_kept(model_dir: Path) -> None:
