@@ -8,8 +8,10 @@ calls do nothing on other C libraries (musl, macOS).
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
 M_MMAP_THRESHOLD = -3
@@ -25,6 +27,15 @@ TRIM_THRESHOLD = 128 << 20
 _ENV = {M_ARENA_MAX: "MALLOC_ARENA_MAX", M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_", M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_"}
 
 
+@functools.cache
+def _glibc() -> Any:
+    """glibc's handle, loaded once (trim_heap runs after every embedding burst); None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc (musl, macOS)
+
+
 def tune_malloc() -> None:
     """Cap glibc's malloc arenas and raise its mmap and trim thresholds (before any thread starts).
 
@@ -33,25 +44,20 @@ def tune_malloc() -> None:
     few MB that no one uses again; two arenas cost nothing measurable in speed here. A setting
     whose glibc environment variable is set is left to it.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (musl, macOS): nothing to tune
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return  # not glibc: nothing to tune
     for param, value in ((M_ARENA_MAX, MALLOC_ARENAS), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         if _ENV[param] not in os.environ:
-            try:
-                libc.mallopt(param, value)
-            except AttributeError:
-                return  # a C library without mallopt
+            mallopt(param, value)
 
 
 def trim_heap() -> None:
     """Hand freed heap pages of every arena back to the OS (any thread; ctypes drops the GIL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc (musl, macOS): nothing to trim
+    malloc_trim = getattr(_glibc(), "malloc_trim", None)
+    if malloc_trim is not None:  # not glibc (musl, macOS): nothing to trim
+        malloc_trim(0)
 
 
 def release_free_heap() -> None:

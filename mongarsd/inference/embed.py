@@ -135,7 +135,6 @@ class Embedder:
         # Loop-side state.
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self._trim_handle: asyncio.TimerHandle | None = None
-        self.trims = 0  # idle trims handed to the worker thread
         self._last_used = time.monotonic()
         self._in_flight = 0
         self._stats = {
@@ -146,6 +145,7 @@ class Embedder:
             "batches": 0,
             "loads": 0,
             "unloads": 0,
+            "trims": 0,  # idle trims handed to the worker thread
         }
 
     # ------------------------------------------------------------------ properties
@@ -334,7 +334,7 @@ class Embedder:
         executor = self._executor
         if executor is None or self._in_flight:
             return  # stopped, or a batch is running: its end re-arms the trim
-        self.trims += 1
+        self._stats["trims"] += 1
         executor.submit(trim_heap)  # malloc_trim walks every arena: off the loop, behind no batch
 
     async def _async_call(self, fn: Any, *args: Any) -> Any:

@@ -269,14 +269,14 @@ async def test_a_burst_keeps_its_buffers_and_hands_them_back_once_idle(model_dir
     try:
         for i in range(4):  # a burst: each batch re-arms the idle timer
             await emb.async_embed([f"burst {i} text {j}" for j in range(8)])
-        assert trims == [] and emb.trims == 0
+        assert trims == [] and emb.stats()["trims"] == 0
         for _ in range(100):
             if trims:
                 break
             await asyncio.sleep(0.02)
-        assert emb.trims == 1 and len(trims) == 1 and trims[0].startswith("mongarsd-embed")
+        assert emb.stats()["trims"] == 1 and len(trims) == 1 and trims[0].startswith("mongarsd-embed")
         await asyncio.sleep(0.4)
-        assert emb.trims == 1  # nothing ran since: no second trim
+        assert emb.stats()["trims"] == 1  # nothing ran since: no second trim
     finally:
         await emb.async_stop()
     assert len(trims) == 2  # stopping drops the session and hands its memory back too
