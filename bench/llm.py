@@ -29,6 +29,7 @@ from bench.common import (
     histogram_delta,
     histogram_quantile,
     http_get,
+    log_event,
     make_entry,
     median,
     native_tool,
@@ -40,7 +41,7 @@ from bench.common import (
 )
 
 REPS: Final = 5  # repetitions per side for P1, P2, P4, P5, P13 (median reported): the VM drifts up to 30 % in a run
-DEFAULTS_REPS: Final = 5  # P4 with each side's defaults: the ratio the issue is about, drift-prone on a 2-core VM
+DEFAULTS_REPS: Final = 5  # P1 and P4 with each side's defaults: what a user gets, drift-prone on a 2-core VM
 TTFT_REPS: Final = 7  # P3 is cheap and noisy: more samples
 DECODE_TOKENS: Final = 128
 PP_TOKENS: Final = 512
@@ -179,14 +180,16 @@ def sized_text(counter: TokenCounter, prefix: str, seed: int, tokens: int) -> st
 # --------------------------------------------------------------------------- references
 
 
-def llama_bench_once(settings: BenchSettings, kind: str) -> tuple[float, str]:
-    """Run one llama-bench test ("pp" = pp512 or "tg" = tg128), one repetition; return t/s and the command (blocking)."""
+def llama_bench_once(settings: BenchSettings, kind: str, *, defaults: bool = False) -> tuple[float, str]:
+    """Run one llama-bench test ("pp" = pp512 or "tg" = tg128), one repetition; return t/s and the command (blocking).
+
+    `defaults`: llama-bench's own batch sizes and flash-attention setting (auto), only the thread
+    count given; otherwise the settings the matched daemon runs with.
+    """
     exe = native_tool("llama-bench")
     sizes = ["-p", str(PP_TOKENS), "-n", "0"] if kind == "pp" else ["-p", "0", "-n", str(DECODE_TOKENS)]
-    cmd = [
-        str(exe), "-m", str(settings.model_path), "-t", str(settings.threads), *sizes,
-        "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "0", "-r", "1", "-o", "json",
-    ]  # fmt: skip
+    matched = [] if defaults else ["-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "0"]
+    cmd = [str(exe), "-m", str(settings.model_path), "-t", str(settings.threads), *sizes, *matched, "-r", "1", "-o", "json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LLAMA_BENCH_TIMEOUT_S, cwd=settings.models_dir.parent)
     except subprocess.TimeoutExpired as err:
@@ -199,12 +202,12 @@ def llama_bench_once(settings: BenchSettings, kind: str) -> tuple[float, str]:
     return float(parsed[kind]), " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name)
 
 
-def bench_sample(settings: BenchSettings, kind: str, samples: list[float], errors: list[str]) -> str | None:
+def bench_sample(settings: BenchSettings, kind: str, samples: list[float], errors: list[str], *, defaults: bool = False) -> str | None:
     """Take one llama-bench sample into `samples`, or note why not; return the command."""
     if errors:
         return None
     try:
-        rate, cmd = llama_bench_once(settings, kind)
+        rate, cmd = llama_bench_once(settings, kind, defaults=defaults)
     except Skip as err:
         errors.append(str(err))
         return None
@@ -432,9 +435,10 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
         if server is not None:
             server.stop()
         daemon.stop()
-    if "P4" in wanted and "P4" in results and not results["P4"].get("skipped"):
-        log("  P4 with each side's defaults ...")
-        _guard(results, ("P4",), lambda: _p4_defaults(results["P4"], settings, workdir), log)
+    with_defaults = tuple(p for p in ("P1", "P4") if p in wanted and p in results and not results[p].get("skipped"))
+    if with_defaults:
+        log(f"  {'/'.join(with_defaults)} with each side's defaults ...")
+        _guard(results, with_defaults, lambda: _defaults(results, with_defaults, settings, workdir), log)
 
 
 def _warm(dside: Side, sside: Side | None) -> None:
@@ -538,13 +542,16 @@ def _p3(c: LlmRun) -> None:
     results["P3"] = make_entry("P3", value=value, reference=ref, delta_ms=delta, details=details)
 
 
-def _p4_defaults(entry: dict[str, Any], settings: BenchSettings, workdir: Path) -> None:
-    """Add what a user gets to P4: the daemon with its board profile's defaults vs plain `llama-server -m`."""
-    entry.setdefault("details", {})
+def _defaults(results: dict[str, Any], pids: tuple[str, ...], settings: BenchSettings, workdir: Path) -> None:
+    """Add what a user gets to P1 and P4: each side with its own defaults, only the thread count shared.
+
+    The daemon runs with its board profile's settings, llama-server as `llama-server -m MODEL`
+    and llama-bench as `llama-bench -m MODEL -t N`. P1: one stream each, interleaved with one
+    llama-bench tg128 run per rep. P4: the same 4 streams on both servers, in alternating order.
+    """
     daemon = start_daemon(workdir, settings, name="defaults", overrides={"MONGARSD_INFERENCE__PRELOAD": "true"})
     server: Proc | None = None
     try:
-        status, body = http_get(daemon.url + "/api/v1/status", timeout=10)
         exe = native_tool("llama-server")
         port = free_port()
         cmd = [str(exe), "-m", str(settings.model_path), "--host", LOOPBACK, "--port", str(port), "--no-webui"]
@@ -553,26 +560,66 @@ def _p4_defaults(entry: dict[str, Any], settings: BenchSettings, workdir: Path) 
         dside = Side("mongarsd", daemon.url, settings.model_id)
         sside = Side("llama-server", server.url, "ref")
         _warm(dside, sside)
-        agg: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
-        for rep in range(DEFAULTS_REPS):
-            prompts = [count_prompt(300 * (i + 1) + rep * 3000) for i in range(STREAMS)]
-            # the side going first alternates: the machine's speed drifts over a run
-            for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
-                res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
-                agg[side.name].append(aggregate_rate(res, t0, t_end))
-        d4, s4 = median(agg["mongarsd"]), median(agg["llama-server"])
-        entry["defaults_ratio"] = round(d4 / s4, 4) if d4 and s4 else None
-        entry["details"]["defaults"] = {
-            "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own",
-            "mongarsd_4_streams": spread(agg["mongarsd"]),
-            "llama_server_4_streams": spread(agg["llama-server"]),
-            "mongarsd_inference": json.loads(body).get("inference") if status == 200 else None,
+        engine = log_event(daemon, "llm_started")
+        common = {
+            "mongarsd_engine": {k: engine.get(k) for k in ENGINE_FIELDS} if engine else None,
             "llama_server_command": " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name),
         }
+        if "P1" in pids:
+            _p1_defaults(results["P1"], settings, dside, sside, common)
+        if "P4" in pids:
+            _p4_defaults(results["P4"], dside, sside, common)
     finally:
         if server is not None:
             server.stop()
         daemon.stop()
+
+
+ENGINE_FIELDS: Final = ("n_ctx", "n_ctx_per_slot", "kv_unified", "slots", "threads", "threads_batch")
+
+
+def _p1_defaults(entry: dict[str, Any], settings: BenchSettings, dside: Side, sside: Side, common: dict[str, Any]) -> None:
+    ours: list[float] = []
+    theirs: list[float] = []
+    ref: list[float] = []
+    ref_errors: list[str] = []
+    cmd = None
+    for rep in range(DEFAULTS_REPS):
+        cmd = bench_sample(settings, "tg", ref, ref_errors, defaults=True) or cmd
+        prompt = count_prompt(17 + rep * 100)
+        for side, rates in ((dside, ours), (sside, theirs)) if rep % 2 == 0 else ((sside, theirs), (dside, ours)):
+            if (rate := asyncio.run(async_one(side, prompt, DECODE_TOKENS)).decode_rate()) is not None:
+                rates.append(rate)
+    d, b, s = median(ours), median(ref), median(theirs)
+    entry["defaults_ratio"] = round(d / b, 4) if d and b else None
+    entry["defaults_vs_llama_server"] = round(d / s, 4) if d and s else None
+    entry.setdefault("details", {})["defaults"] = {
+        "method": "as P1, against `mongarsd run` with its board profile's defaults, `llama-server -m MODEL` and `llama-bench -m MODEL -t N` (flash attention auto)",
+        "api": spread(ours),
+        "llama_bench_tg": spread(ref),
+        "llama_bench_command": cmd,
+        "llama_server_same_method": spread(theirs),
+        **common,
+        **({"reference_skipped": ref_errors[0]} if ref_errors else {}),
+    }
+
+
+def _p4_defaults(entry: dict[str, Any], dside: Side, sside: Side, common: dict[str, Any]) -> None:
+    agg: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
+    for rep in range(DEFAULTS_REPS):
+        prompts = [count_prompt(300 * (i + 1) + rep * 3000) for i in range(STREAMS)]
+        # the side going first alternates: the machine's speed drifts over a run
+        for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
+            res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
+            agg[side.name].append(aggregate_rate(res, t0, t_end))
+    d4, s4 = median(agg["mongarsd"]), median(agg["llama-server"])
+    entry["defaults_ratio"] = round(d4 / s4, 4) if d4 and s4 else None
+    entry.setdefault("details", {})["defaults"] = {
+        "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own",
+        "mongarsd_4_streams": spread(agg["mongarsd"]),
+        "llama_server_4_streams": spread(agg["llama-server"]),
+        **common,
+    }
 
 
 JSON_SCHEMA: Final = {

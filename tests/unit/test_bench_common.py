@@ -13,6 +13,7 @@ from bench.common import (
     TARGET_IDS,
     TARGETS,
     Check,
+    Proc,
     StreamResult,
     chunk_text,
     dump_json,
@@ -21,6 +22,7 @@ from bench.common import (
     format_table,
     histogram_delta,
     histogram_quantile,
+    log_event,
     machine_description,
     make_entry,
     parse_histogram,
@@ -37,7 +39,7 @@ REQUIRED_KEYS = {"value", "reference", "ratio", "target", "unit", "machine"}
 def test_every_design_target_has_a_spec() -> None:
     assert tuple(f"P{i}" for i in range(1, 18)) == TARGET_IDS  # DESIGN §9: P1-P16, and P17 (the mind's work beside chats)
     assert set(TARGETS) == set(TARGET_IDS)
-    assert target_text("P1") == "ratio >= 0.95; vs_llama_server >= 1"
+    assert target_text("P1") == "ratio >= 0.95; vs_llama_server >= 1; defaults_ratio >= 0.95; defaults_vs_llama_server >= 1"
     assert target_text("P4") == "ratio >= 0.95; defaults_ratio >= 0.95"
     assert target_text("P13") == "ratio >= 0.8"
     assert target_text("P3") == "delta_ms <= 10"
@@ -124,7 +126,7 @@ def test_finalize_shape_for_every_id(tmp_path: Path) -> None:
 def test_format_table_lists_every_id_and_status() -> None:
     out = finalize(
         {
-            "P1": make_entry("P1", value=90.0, reference=87.0, vs_llama_server=1.05),
+            "P1": make_entry("P1", value=90.0, reference=87.0, vs_llama_server=1.05, defaults_ratio=0.97, defaults_vs_llama_server=1.02),
             "P6": make_entry("P6", value=100.0, reference=110.0, int8_speedup=1.2),
         },
         machine="m",
@@ -133,7 +135,10 @@ def test_format_table_lists_every_id_and_status() -> None:
     table = format_table(out)
     lines = table.splitlines()
     assert len(lines) == 2 + len(TARGET_IDS)
-    assert any(line.startswith("P1 ") and line.endswith("met (vs_llama_server=1.05)") for line in lines)
+    assert any(
+        line.startswith("P1 ") and line.endswith("met (vs_llama_server=1.05, defaults_ratio=0.97, defaults_vs_llama_server=1.02)")
+        for line in lines
+    )
     assert any(line.startswith("P6 ") and "MISSED" in line and "int8_speedup=1.2" in line for line in lines)
     assert any(line.startswith("P2 ") and "skipped" in line for line in lines)
 
@@ -228,3 +233,25 @@ def test_p7_needs_both_latency_and_recall() -> None:
     assert finalize({"P7": fast_but_lossy}, machine="m", measured_at="t")["P7"]["met"] is False
     exact = make_entry("P7", value=4.0, reference=80.0, recall_at_10=1.0)
     assert finalize({"P7": exact}, machine="m", measured_at="t")["P7"]["met"] is True
+
+
+def test_log_event_returns_the_last_matching_json_line(tmp_path: Path) -> None:
+    import subprocess
+
+    log = tmp_path / "daemon.log"
+    log.write_text(
+        "plain text mentioning llm_started\n"
+        + json.dumps({"event": "llm_started", "slots": 1})
+        + "\n"
+        + "{not json llm_started\n"
+        + json.dumps({"event": "other", "note": "llm_started"})
+        + "\n"
+        + json.dumps({"event": "llm_started", "slots": 4, "kv_unified": True})
+        + "\n"
+    )
+    proc = Proc(proc=subprocess.Popen(["true"]), port=1, log_path=log, started_at=0.0)
+    proc.proc.wait()
+    assert log_event(proc, "llm_started") == {"event": "llm_started", "slots": 4, "kv_unified": True}
+    assert log_event(proc, "embed_loaded") is None
+    log.unlink()
+    assert log_event(proc, "llm_started") is None
