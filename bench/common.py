@@ -265,6 +265,21 @@ def median(xs: Iterable[float]) -> float | None:
     return statistics.median(data) if data else None
 
 
+def paired_ratio(ours: Sequence[float | None], theirs: Sequence[float | None]) -> float | None:
+    """Median over reps of ours[i] / theirs[i], for the reps where both sides have a number.
+
+    Each rep measures the two sides back to back, so a drift of the machine's speed over a run
+    (up to 30 % on the 2-core VM) cancels within a pair instead of landing in one side's median.
+    """
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b is not None and b > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def present(xs: Iterable[float | None]) -> list[float]:
+    """The samples that were measured (a rep whose reference failed leaves None)."""
+    return [x for x in xs if x is not None]
+
+
 def spread(xs: Iterable[float]) -> dict[str, Any]:
     """Return the samples and their median/min/max, for the details block."""
     data = [float(x) for x in xs]

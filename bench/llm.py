@@ -33,15 +33,19 @@ from bench.common import (
     make_entry,
     median,
     native_tool,
+    paired_ratio,
     parse_histogram,
+    present,
+    safe_ratio,
     skipped_entry,
     spawn,
     spread,
     start_daemon,
 )
 
-REPS: Final = 5  # repetitions per side for P1, P2, P4, P5, P13 (median reported): the VM drifts up to 30 % in a run
-DEFAULTS_REPS: Final = 5  # P1 and P4 with each side's defaults: what a user gets, drift-prone on a 2-core VM
+REPS: Final = 5  # repetitions per side for P2, P4, P5, P13 (median reported): the VM drifts up to 30 % in a run
+DEFAULTS_REPS: Final = 5  # P4 with each side's defaults: what a user gets, drift-prone on a 2-core VM
+P1_REPS: Final = 9  # P1, matched and with defaults: a ±2 % question on a VM whose pairs scatter by ±5 %
 TTFT_REPS: Final = 7  # P3 is cheap and noisy: more samples
 DECODE_TOKENS: Final = 128
 PP_TOKENS: Final = 512
@@ -202,14 +206,18 @@ def llama_bench_once(settings: BenchSettings, kind: str, *, defaults: bool = Fal
     return float(parsed[kind]), " ".join(cmd[1:]).replace(str(settings.model_path), settings.model_path.name)
 
 
-def bench_sample(settings: BenchSettings, kind: str, samples: list[float], errors: list[str], *, defaults: bool = False) -> str | None:
-    """Take one llama-bench sample into `samples`, or note why not; return the command."""
+def bench_sample(
+    settings: BenchSettings, kind: str, samples: list[float | None], errors: list[str], *, defaults: bool = False
+) -> str | None:
+    """Append one llama-bench sample to `samples` (None when it cannot run; the first error is kept); return the command."""
     if errors:
+        samples.append(None)
         return None
     try:
         rate, cmd = llama_bench_once(settings, kind, defaults=defaults)
     except Skip as err:
         errors.append(str(err))
+        samples.append(None)
         return None
     samples.append(rate)
     return cmd
@@ -449,40 +457,60 @@ def _warm(dside: Side, sside: Side | None) -> None:
 
 def _p1(c: LlmRun) -> None:
     results, dside, sside, common = c.results, c.dside, c.sside, c.common
-    rates, server_rates, tokens, ref, ref_errors = [], [], [], [], []
+    rates: list[float | None] = []
+    server_rates: list[float | None] = []
+    ref: list[float | None] = []
+    tokens: list[int] = []
+    ref_errors: list[str] = []
     cmd = None
-    for rep in range(REPS):
+    for rep in range(P1_REPS):
         cmd = bench_sample(c.settings, "tg", ref, ref_errors) or cmd
-        r = asyncio.run(async_one(dside, count_prompt(11 + rep * 100), DECODE_TOKENS))
-        rate = r.decode_rate()
-        if rate is None:
-            raise Skip(f"the stream returned {r.completion_tokens} tokens; cannot time decoding")
-        rates.append(rate)
-        tokens.append(r.completion_tokens)
-        if sside is not None:
-            s = asyncio.run(async_one(sside, count_prompt(11 + rep * 100), DECODE_TOKENS))
-            if (sr := s.decode_rate()) is not None:
-                server_rates.append(sr)
+        prompt = count_prompt(11 + rep * 100)
+        # the server going first alternates: the machine's speed drifts over a run
+        for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
+            if side is None:
+                server_rates.append(None)
+                continue
+            r = asyncio.run(async_one(side, prompt, DECODE_TOKENS))
+            rate = r.decode_rate()
+            if side is dside:
+                if rate is None:
+                    raise Skip(f"the stream returned {r.completion_tokens} tokens; cannot time decoding")
+                rates.append(rate)
+                tokens.append(r.completion_tokens)
+            else:
+                server_rates.append(rate)
     details = {
         **common,
-        "method": "stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token); each rep paired with one llama-bench tg128 run; medians",
-        "api": spread(rates),
+        "method": "stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token); each rep one llama-bench tg128 run, then the daemon and llama-server in alternating order; ratios are medians of the per-rep ratios",
+        "api": spread(present(rates)),
         "completion_tokens": tokens,
-        "llama_bench_tg": spread(ref),
+        "llama_bench_tg": spread(present(ref)),
         "llama_bench_command": cmd,
-        "llama_server_same_method": spread(server_rates),
+        "llama_server_same_method": spread(present(server_rates)),
+        "ratio_of_medians": _round4(safe_ratio(median(present(rates)), median(present(ref)))),
     }
     if ref_errors:
         details["reference_skipped"] = ref_errors[0]
-    ours, server = median(rates), median(server_rates)
-    vs_server = ours / server if ours and server else None
-    results["P1"] = make_entry("P1", value=median(rates), reference=median(ref), vs_llama_server=vs_server, details=details)
+    results["P1"] = make_entry(
+        "P1",
+        value=median(present(rates)),
+        reference=median(present(ref)),
+        ratio=paired_ratio(rates, ref),
+        vs_llama_server=paired_ratio(rates, server_rates),
+        details=details,
+    )
 
 
 def _p2(c: LlmRun) -> None:
     results, dside, settings, common = c.results, c.dside, c.settings, c.common
     counter = TokenCounter(settings.model_path)
-    rates, server_reported, prompt_tokens, ttfts, ref, ref_errors = [], [], [], [], [], []
+    rates: list[float | None] = []
+    ref: list[float | None] = []
+    server_reported: list[float] = []
+    prompt_tokens: list[int] = []
+    ttfts: list[float] = []
+    ref_errors: list[str] = []
     cmd = None
     for rep in range(REPS):
         cmd = bench_sample(settings, "pp", ref, ref_errors) or cmd
@@ -500,17 +528,20 @@ def _p2(c: LlmRun) -> None:
             server_reported.append(float(r.timings["prompt_per_second"]))
     details = {
         **common,
-        "method": "stream /v1/completions, max_tokens 1, prompt_tokens / time to first token (nothing subtracted); each rep paired with one llama-bench pp512 run; medians",
-        "api": spread(rates),
+        "method": "stream /v1/completions, max_tokens 1, prompt_tokens / time to first token (nothing subtracted); each rep paired with one llama-bench pp512 run; ratio: median of the per-rep ratios",
+        "api": spread(present(rates)),
         "ttft_ms": spread(ttfts),
         "prompt_tokens": prompt_tokens,
         "server_reported_prompt_per_second": spread(server_reported),
-        "llama_bench_pp": spread(ref),
+        "llama_bench_pp": spread(present(ref)),
+        "ratio_of_medians": _round4(safe_ratio(median(present(rates)), median(present(ref)))),
         "llama_bench_command": cmd,
     }
     if ref_errors:
         details["reference_skipped"] = ref_errors[0]
-    results["P2"] = make_entry("P2", value=median(rates), reference=median(ref), details=details)
+    results["P2"] = make_entry(
+        "P2", value=median(present(rates)), reference=median(present(ref)), ratio=paired_ratio(rates, ref), details=details
+    )
 
 
 P3_PROMPT: Final = "Question {n}: In two short sentences, explain why the sky is blue during the day and why sunsets look red."
@@ -579,29 +610,31 @@ ENGINE_FIELDS: Final = ("n_ctx", "n_ctx_per_slot", "kv_unified", "slots", "threa
 
 
 def _p1_defaults(entry: dict[str, Any], settings: BenchSettings, dside: Side, sside: Side, common: dict[str, Any]) -> None:
-    ours: list[float] = []
-    theirs: list[float] = []
-    ref: list[float] = []
+    ours: list[float | None] = []
+    theirs: list[float | None] = []
+    ref: list[float | None] = []
     ref_errors: list[str] = []
     cmd = None
-    for rep in range(DEFAULTS_REPS):
+    for rep in range(P1_REPS):
         cmd = bench_sample(settings, "tg", ref, ref_errors, defaults=True) or cmd
         prompt = count_prompt(17 + rep * 100)
         for side, rates in ((dside, ours), (sside, theirs)) if rep % 2 == 0 else ((sside, theirs), (dside, ours)):
-            if (rate := asyncio.run(async_one(side, prompt, DECODE_TOKENS)).decode_rate()) is not None:
-                rates.append(rate)
-    d, b, s = median(ours), median(ref), median(theirs)
-    entry["defaults_ratio"] = round(d / b, 4) if d and b else None
-    entry["defaults_vs_llama_server"] = round(d / s, 4) if d and s else None
+            rates.append(asyncio.run(async_one(side, prompt, DECODE_TOKENS)).decode_rate())
+    entry["defaults_ratio"] = _round4(paired_ratio(ours, ref))
+    entry["defaults_vs_llama_server"] = _round4(paired_ratio(ours, theirs))
     entry.setdefault("details", {})["defaults"] = {
-        "method": "as P1, against `mongarsd run` with its board profile's defaults, `llama-server -m MODEL` and `llama-bench -m MODEL -t N` (flash attention auto)",
-        "api": spread(ours),
-        "llama_bench_tg": spread(ref),
+        "method": "as P1, against `mongarsd run` with its board profile's defaults, `llama-server -m MODEL` and `llama-bench -m MODEL -t N` (flash attention auto); ratios are medians of the per-rep ratios",
+        "api": spread(present(ours)),
+        "llama_bench_tg": spread(present(ref)),
         "llama_bench_command": cmd,
-        "llama_server_same_method": spread(theirs),
+        "llama_server_same_method": spread(present(theirs)),
         **common,
         **({"reference_skipped": ref_errors[0]} if ref_errors else {}),
     }
+
+
+def _round4(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _p4_defaults(entry: dict[str, Any], dside: Side, sside: Side, common: dict[str, Any]) -> None:
@@ -612,12 +645,12 @@ def _p4_defaults(entry: dict[str, Any], dside: Side, sside: Side, common: dict[s
         for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
             res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
             agg[side.name].append(aggregate_rate(res, t0, t_end))
-    d4, s4 = median(agg["mongarsd"]), median(agg["llama-server"])
-    entry["defaults_ratio"] = round(d4 / s4, 4) if d4 and s4 else None
+    entry["defaults_ratio"] = _round4(paired_ratio(agg["mongarsd"], agg["llama-server"]))
     entry.setdefault("details", {})["defaults"] = {
-        "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own",
+        "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own; median of the per-rep ratios",
         "mongarsd_4_streams": spread(agg["mongarsd"]),
         "llama_server_4_streams": spread(agg["llama-server"]),
+        "ratio_of_medians": _round4(safe_ratio(median(agg["mongarsd"]), median(agg["llama-server"]))),
         **common,
     }
 
@@ -671,7 +704,8 @@ def _p4_p12(c: LlmRun) -> None:
     lag_4stream: list[tuple[float, float]] = []
     for rep in range(REPS):
         prompts = [count_prompt(100 * (i + 1) + rep * 1000) for i in range(STREAMS)]
-        for side in (dside, sside):
+        # the side going first alternates: the machine's speed drifts over a run
+        for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
             if side is None:
                 continue
             before = scrape_lag(daemon) if side is dside and "P12" in wanted else []
@@ -687,7 +721,7 @@ def _p4_p12(c: LlmRun) -> None:
     if "P4" in wanted:
         details = {
             **common,
-            "method": "4 concurrent streams of 128 tokens (counting prompts); sum of completion tokens / (last token - send); median of reps",
+            "method": "4 concurrent streams of 128 tokens (counting prompts); sum of completion tokens / (last token - send); the two sides in alternating order each rep; ratio: median of the per-rep ratios",
             "mongarsd_4_streams": spread(agg["mongarsd"]),
             "llama_server_4_streams": spread(agg["llama-server"]),
             "mongarsd_1_stream": spread(single["mongarsd"]),
@@ -697,7 +731,9 @@ def _p4_p12(c: LlmRun) -> None:
         }
         if sside is None:
             details["reference_skipped"] = server_error
-        results["P4"] = make_entry("P4", value=d4, reference=s4, details=details)
+        if sside is not None:
+            details["ratio_of_medians"] = _round4(safe_ratio(d4, s4))
+        results["P4"] = make_entry("P4", value=d4, reference=s4, ratio=paired_ratio(agg["mongarsd"], agg["llama-server"]), details=details)
     if "P12" in wanted:
         p99 = histogram_quantile(0.99, lag_4stream)
         status, body = http_get(daemon.url + "/api/v1/status", timeout=10)

@@ -25,7 +25,9 @@ from bench.common import (
     log_event,
     machine_description,
     make_entry,
+    paired_ratio,
     parse_histogram,
+    present,
     safe_ratio,
     skipped_entry,
     target_text,
@@ -255,3 +257,16 @@ def test_log_event_returns_the_last_matching_json_line(tmp_path: Path) -> None:
     assert log_event(proc, "embed_loaded") is None
     log.unlink()
     assert log_event(proc, "llm_started") is None
+
+
+def test_paired_ratio_is_the_median_of_the_reps_ratios_and_skips_missing_pairs() -> None:
+    # the machine slowed down 30 % half way: each pair keeps its ratio, the medians do not
+    ours = [95.0, 96.0, 66.5, 67.2, 97.0]
+    theirs = [100.0, 100.0, 70.0, 70.0, 100.0]
+    assert paired_ratio(ours, theirs) == pytest.approx(0.96)
+    assert paired_ratio([1.0, None, 3.0], [2.0, 2.0, None]) == pytest.approx(0.5)
+    assert paired_ratio([1.0], [0.0]) is None
+    assert paired_ratio([], []) is None
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])
+    assert present([1.0, None, 2.0]) == [1.0, 2.0]
