@@ -280,6 +280,16 @@ def present(xs: Iterable[float | None]) -> list[float]:
     return [x for x in xs if x is not None]
 
 
+def round_ratio(x: float | None) -> float | None:
+    """A ratio as entries store it (4 digits), for fields set outside make_entry."""
+    return _round(x, 4)  # type: ignore[no-any-return]
+
+
+def ratio_of_medians(ours: Iterable[float | None], theirs: Iterable[float | None]) -> float | None:
+    """median(ours) / median(theirs) over the measured samples: the figure before paired ratios."""
+    return round_ratio(safe_ratio(median(present(ours)), median(present(theirs))))
+
+
 def spread(xs: Iterable[float]) -> dict[str, Any]:
     """Return the samples and their median/min/max, for the details block."""
     data = [float(x) for x in xs]

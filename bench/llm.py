@@ -36,7 +36,8 @@ from bench.common import (
     paired_ratio,
     parse_histogram,
     present,
-    safe_ratio,
+    ratio_of_medians,
+    round_ratio,
     skipped_entry,
     spawn,
     spread,
@@ -492,7 +493,7 @@ def _p1(c: LlmRun) -> None:
         "llama_bench_tg": spread(present(ref)),
         "llama_bench_command": cmd,
         "llama_server_same_method": spread(present(server_rates)),
-        "ratio_of_medians": _round4(safe_ratio(median(present(rates)), median(present(ref)))),
+        "ratio_of_medians": ratio_of_medians(rates, ref),
     }
     if ref_errors:
         details["reference_skipped"] = ref_errors[0]
@@ -538,7 +539,7 @@ def _p2(c: LlmRun) -> None:
         "prompt_tokens": prompt_tokens,
         "server_reported_prompt_per_second": spread(server_reported),
         "llama_bench_pp": spread(present(ref)),
-        "ratio_of_medians": _round4(safe_ratio(median(present(rates)), median(present(ref)))),
+        "ratio_of_medians": ratio_of_medians(rates, ref),
         "llama_bench_command": cmd,
     }
     if ref_errors:
@@ -624,8 +625,8 @@ def _p1_defaults(entry: dict[str, Any], settings: BenchSettings, dside: Side, ss
         prompt = count_prompt(17 + rep * 100)
         for side, rates in ((dside, ours), (sside, theirs)) if rep % 2 == 0 else ((sside, theirs), (dside, ours)):
             rates.append(asyncio.run(async_one(side, prompt, DECODE_TOKENS)).decode_rate())
-    entry["defaults_ratio"] = _round4(paired_ratio(ours, ref))
-    entry["defaults_vs_llama_server"] = _round4(paired_ratio(ours, theirs))
+    entry["defaults_ratio"] = round_ratio(paired_ratio(ours, ref))
+    entry["defaults_vs_llama_server"] = round_ratio(paired_ratio(ours, theirs))
     entry.setdefault("details", {})["defaults"] = {
         "method": "as P1, against `mongarsd run` with its board profile's defaults, `llama-server -m MODEL` and `llama-bench -m MODEL -t N` (flash attention auto); ratios are medians of the per-rep ratios",
         "api": spread(present(ours)),
@@ -637,10 +638,6 @@ def _p1_defaults(entry: dict[str, Any], settings: BenchSettings, dside: Side, ss
     }
 
 
-def _round4(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
-
-
 def _p4_defaults(entry: dict[str, Any], dside: Side, sside: Side, common: dict[str, Any]) -> None:
     agg: dict[str, list[float]] = {"mongarsd": [], "llama-server": []}
     for rep in range(DEFAULTS_REPS):
@@ -649,12 +646,12 @@ def _p4_defaults(entry: dict[str, Any], dside: Side, sside: Side, common: dict[s
         for side in (dside, sside) if rep % 2 == 0 else (sside, dside):
             res, t0, t_end = asyncio.run(async_many(side, prompts, DECODE_TOKENS))
             agg[side.name].append(aggregate_rate(res, t0, t_end))
-    entry["defaults_ratio"] = _round4(paired_ratio(agg["mongarsd"], agg["llama-server"]))
+    entry["defaults_ratio"] = round_ratio(paired_ratio(agg["mongarsd"], agg["llama-server"]))
     entry.setdefault("details", {})["defaults"] = {
         "method": "the same 4 streams against `mongarsd run` with only the board profile's defaults and `llama-server -m MODEL` with its own; median of the per-rep ratios",
         "mongarsd_4_streams": spread(agg["mongarsd"]),
         "llama_server_4_streams": spread(agg["llama-server"]),
-        "ratio_of_medians": _round4(safe_ratio(median(agg["mongarsd"]), median(agg["llama-server"]))),
+        "ratio_of_medians": ratio_of_medians(agg["mongarsd"], agg["llama-server"]),
         **common,
     }
 
@@ -735,8 +732,8 @@ def _p4_p12(c: LlmRun) -> None:
         }
         if sside is None:
             details["reference_skipped"] = server_error
-        if sside is not None:
-            details["ratio_of_medians"] = _round4(safe_ratio(d4, s4))
+        else:
+            details["ratio_of_medians"] = ratio_of_medians(agg["mongarsd"], agg["llama-server"])
         results["P4"] = make_entry("P4", value=d4, reference=s4, ratio=paired_ratio(agg["mongarsd"], agg["llama-server"]), details=details)
     if "P12" in wanted:
         p99 = histogram_quantile(0.99, lag_4stream)

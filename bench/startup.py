@@ -26,11 +26,12 @@ from bench.common import (
     spread,
     start_daemon,
 )
+from bench.llm import filler
 
 STARTS_WITH_MODELS: Final = 3
 STARTS_WITHOUT_MODELS: Final = 2
 IN_USE_CHATS: Final = 4  # concurrent chats, one per slot of the generic profile
-IN_USE_WORDS: Final = 400  # ~550 prompt tokens with the chat template
+IN_USE_WORDS: Final = 520  # ~550 prompt tokens with the chat template
 IN_USE_IDLE_S: Final = 12.0  # past the embedder's 10 s idle trim: what stays held, not a burst's buffers
 
 
@@ -54,11 +55,9 @@ def rss_split_mb(pid: int) -> dict[str, float]:
 
 def in_use_rss_mb(url: str, pid: int, model: str) -> tuple[float, list[int]]:
     """Run IN_USE_CHATS chats at once (as users would, memory on), idle, then return the RSS and the status codes."""
-    words = ("river", "stone", "market", "window", "garden", "letter", "morning", "bridge")
-    codes: list[int] = []
 
     def chat(i: int) -> int:
-        text = " ".join(words[(i + k) % len(words)] for k in range(IN_USE_WORDS))
+        text = filler(i, IN_USE_WORDS)
         body = {
             "model": model,
             "messages": [{"role": "user", "content": f"Summarise note {i}: {text}"}],
