@@ -451,8 +451,7 @@ class Batcher:
             return
         now = time.perf_counter()
         sample = llama.sample
-        is_eog = lib.llama_vocab_is_eog
-        vocab = llama.vocab
+        is_eog = llama.is_eog
         pieces = llama.pieces
         n_ctx_slot = llama.n_ctx_slot
         for slot, i in outputs:
@@ -462,7 +461,7 @@ class Batcher:
                 req.generating = True
                 req.t_first = now
             tok = sample(req.sampler, i)
-            if is_eog(vocab, tok):
+            if is_eog(tok):
                 self._finish(slot, req=req, reason=FINISH_STOP, text="", now=now, out=out)
                 continue
             req.n_decoded += 1

@@ -113,23 +113,12 @@ def engine_settings(settings: Mapping[str, Any]) -> Any:
 
 
 def _decode(llama: Any, tokens: Sequence[int], start_pos: int) -> None:
-    """Decode `tokens` from `start_pos` on sequence 0 in n_batch chunks; logits for the last one."""
-    lib, batch = llama.lib, llama.batch
-    pos = start_pos
-    for begin in range(0, len(tokens), llama.n_batch):
-        chunk = tokens[begin : begin + llama.n_batch]
-        for j, tok in enumerate(chunk):
-            batch.token[j] = tok
-            batch.pos[j] = pos + j
-            batch.n_seq_id[j] = 1
-            batch.seq_id[j][0] = 0
-            batch.logits[j] = 0
-        batch.logits[len(chunk) - 1] = 1
-        batch.n_tokens = len(chunk)
-        rc = lib.llama_decode(llama.ctx, batch)
-        if rc != 0:
-            raise TrialError(f"llama_decode failed with code {rc}")
-        pos += len(chunk)
+    from mongarsd.errors import InferenceError
+
+    try:
+        llama.decode_sequence(tokens, start_pos)
+    except InferenceError as err:
+        raise TrialError(str(err)) from err
 
 
 def run_llm(model: Path, settings: Mapping[str, Any], *, tokens: int, repeats: int) -> dict[str, Any]:
