@@ -3,7 +3,7 @@
 Mirrors llama-server's slot loop. One dedicated thread owns the llama.cpp context. Each step
 it puts, into one reused llama_batch, the next token of every generating slot, then prompt
 tokens of prefilling slots up to `n_batch`, calls llama_decode once, and samples every slot
-that produced logits with that request's own sampler chain. New requests join between steps.
+that produced logits with that request's own sampler. New requests join between steps.
 
 Events go to the event loop with one `call_soon_threadsafe` per hand-over into one asyncio.Queue
 per request. A stream's text is held for up to `stream_interval_ms` and handed over as one

@@ -319,7 +319,8 @@ class LlamaContext:
     def make_sampler(self, params: GenerationParams, grammar: str | None) -> Any:
         """Build a sampler: penalties, top_k, top_p, min_p, temp, dist/greedy, and a grammar checked after.
 
-        Without a grammar this is a llama.cpp sampler chain; with one, a ConstrainedSampler.
+        Plain greedy (no penalties, no grammar) is `GREEDY`, an argmax with no chain; otherwise a
+        llama.cpp sampler chain, or with a grammar a ConstrainedSampler.
         """
         lib = self.lib
         chain_params = lib.llama_sampler_chain_default_params()
