@@ -269,6 +269,7 @@ class LlamaContext:
             lib.llama_model_free(self.model)
             self.model = None
             self.vocab = None
+        self._views.clear()  # views of the freed context's logits buffer
         trim_heap()  # the KV cache and compute buffers come from the heap (heap.MMAP_THRESHOLD)
 
     # ------------------------------------------------------------------ text <-> tokens
@@ -322,6 +323,8 @@ class LlamaContext:
         Plain greedy (no penalties, no grammar) is `GREEDY`, an argmax with no chain; otherwise a
         llama.cpp sampler chain, or with a grammar a ConstrainedSampler.
         """
+        if grammar is None and params.greedy and not params.penalties_enabled:
+            return GREEDY
         lib = self.lib
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = True
@@ -353,9 +356,6 @@ class LlamaContext:
                 ),
             )
         if params.greedy:
-            if g is None and not params.penalties_enabled:
-                lib.llama_sampler_free(chain)
-                return GREEDY
             add(chain, lib.llama_sampler_init_greedy())
             return chain if g is None else ConstrainedSampler(self, chain, g, argmax=not params.penalties_enabled)
         if params.top_k > 0:
