@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -17,6 +17,10 @@ from mongarsd.inference.tools import GenEvent, ToolCall, ToolCallEvent
 log = structlog.get_logger("mongarsd.api.streaming")
 
 DISCONNECT_POLL_S = 0.05  # how often a running generation checks that its client is still there
+# After a write the next check waits this long: a write to a client that went away fails by
+# itself, so a stream that keeps writing needs no timer of its own (longer than any stream
+# hand-over interval a profile sets, shorter than a user notices a slot held).
+DISCONNECT_QUIET_S = 0.5
 
 
 def client_gone(request: web.Request) -> bool:
@@ -48,8 +52,17 @@ class DisconnectGuard:
 
     async def __aenter__(self) -> DisconnectGuard:
         self._task = asyncio.current_task()
+        self._request[GUARD_KEY] = self
         self._check()
         return self
+
+    def wrote(self) -> None:
+        """The handler has just written to its client: push the next check back."""
+        timer = self._timer
+        if timer is None:  # fired, or the handler is done
+            return
+        timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(DISCONNECT_QUIET_S, self._check)
 
     def _check(self) -> None:
         """Poll the transport from a timer callback (no task, no wake-up of the handler)."""
@@ -63,6 +76,7 @@ class DisconnectGuard:
         self._timer = asyncio.get_running_loop().call_later(DISCONNECT_POLL_S, self._check)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        self._request.pop(GUARD_KEY, None)
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
@@ -76,6 +90,9 @@ class DisconnectGuard:
             log.info("client_disconnected", path=self._request.path)
             return True
         return False
+
+
+GUARD_KEY: Final = web.RequestKey("mongarsd_disconnect_guard", DisconnectGuard)  # what StreamWriter tells of its writes
 
 
 async def async_first(events: AsyncIterator[GenEvent]) -> GenEvent:
@@ -131,6 +148,9 @@ class StreamWriter:
             await self.response.write(b"data: " + data + b"\n\n")
         else:
             await self.response.write(data + b"\n")
+        guard = self._request.get(GUARD_KEY)
+        if guard is not None:
+            guard.wrote()
 
     async def async_done(self) -> web.StreamResponse:
         if self._kind == "sse":
