@@ -307,31 +307,19 @@ class Side:
 
 
 async def async_one(side: Side, prompt: str, max_tokens: int) -> StreamResult:
-    import aiohttp
-
-    url, body = side.completion(prompt, max_tokens)
-    async with aiohttp.ClientSession() as session:
-        return await async_stream(session, url, body)
+    return await async_stream(*side.completion(prompt, max_tokens))
 
 
 async def async_many(side: Side, prompts: list[str], max_tokens: int) -> tuple[list[StreamResult], float, float]:
     """Run the prompts as concurrent streams; return results, send time and last-token time."""
-    import aiohttp
-
-    conn = aiohttp.TCPConnector(limit=len(prompts))
-    async with aiohttp.ClientSession(connector=conn) as session:
-        t0 = time.monotonic()
-        results = await asyncio.gather(*(async_stream(session, *side.completion(p, max_tokens)) for p in prompts))
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(async_stream(*side.completion(p, max_tokens)) for p in prompts))
     t_end = max((r.t_last or r.t_send) for r in results)
     return list(results), t0, t_end
 
 
 async def async_chat(side: Side, messages: list[dict[str, str]], max_tokens: int) -> StreamResult:
-    import aiohttp
-
-    url, body = side.chat(messages, max_tokens)
-    async with aiohttp.ClientSession() as session:
-        return await async_stream(session, url, body)
+    return await async_stream(*side.chat(messages, max_tokens))
 
 
 def aggregate_rate(results: list[StreamResult], t0: float, t_end: float) -> float:
@@ -666,14 +654,12 @@ JSON_SCHEMA: Final = {
 def _p13(c: LlmRun) -> None:
     """Decode rate of the same chat with and without a JSON-schema response format (interleaved)."""
     results, dside, common = c.results, c.dside, c.common
-    import aiohttp
 
     async def one(schema: bool, n: int) -> StreamResult:
         url, body = dside.chat([{"role": "user", "content": f"List the numbers from {n} to {n + 60} as JSON."}], DECODE_TOKENS)
         if schema:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": JSON_SCHEMA}}
-        async with aiohttp.ClientSession() as session:
-            return await async_stream(session, url, body)
+        return await async_stream(url, body)
 
     free: list[float] = []
     constrained: list[float] = []

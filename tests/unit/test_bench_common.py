@@ -13,7 +13,9 @@ from bench.common import (
     TARGET_IDS,
     TARGETS,
     Check,
+    Dechunker,
     Proc,
+    Skip,
     StreamResult,
     chunk_text,
     dump_json,
@@ -27,6 +29,7 @@ from bench.common import (
     make_entry,
     paired_ratio,
     parse_histogram,
+    parse_sse_response,
     present,
     safe_ratio,
     skipped_entry,
@@ -270,3 +273,47 @@ def test_paired_ratio_is_the_median_of_the_reps_ratios_and_skips_missing_pairs()
     with pytest.raises(ValueError):
         paired_ratio([1.0, 2.0], [1.0])
     assert present([1.0, None, 2.0]) == [1.0, 2.0]
+
+
+def _chunked(*events: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_dechunker_decodes_chunks_split_anywhere() -> None:
+    raw = _chunked(b"data: one\n\n", b"data: two and more\n\n")
+    for cut in range(1, len(raw)):
+        d = Dechunker()
+        assert d.feed(raw[:cut]) + d.feed(raw[cut:]) == b"data: one\n\ndata: two and more\n\n"
+        assert d.done
+
+
+def test_parse_sse_response_times_each_event_by_the_piece_that_completed_it() -> None:
+    ev = [
+        b'data: {"choices":[{"text":"Hel","finish_reason":null}]}\n\n',
+        b'data: {"choices":[{"text":"lo","finish_reason":null}]}\n\n',
+        b'data: {"choices":[{"text":"","finish_reason":"length"}],"timings":{"predicted_n":2}}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    raw = HEAD + _chunked(*ev)
+    first_end = raw.index(b"Hel") + 30  # the first event ends inside the second piece
+    pieces = [(1.0, raw[: first_end - 10]), (2.0, raw[first_end - 10 : first_end + 40]), (3.0, raw[first_end + 40 :])]
+    res = parse_sse_response(StreamResult(t_send=0.5), pieces, "POST v1/completions")
+    assert (res.status, res.text, res.chunks, res.finish_reason) == (200, "Hello", 2, "length")
+    assert (res.t_first, res.t_last) == (2.0, 3.0)
+    assert res.completion_tokens == 2 and res.timings == {"predicted_n": 2}
+    assert res.decode_rate() == pytest.approx(1.0)
+
+
+def test_parse_sse_response_reads_an_unchunked_body_and_refuses_errors() -> None:
+    body = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n'
+    res = parse_sse_response(StreamResult(t_send=0.0), [(1.0, b"HTTP/1.1 200 OK\r\n\r\n" + body)], "POST x")
+    assert res.text == "Hi" and res.t_first == 1.0
+    err = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 20\r\n\r\n" + b'{"error":"busy now"}'
+    with pytest.raises(Skip, match=r"POST x answered 429: .*busy now"):
+        parse_sse_response(StreamResult(t_send=0.0), [(1.0, err)], "POST x")
+    with pytest.raises(Skip, match="ended before its headers"):
+        parse_sse_response(StreamResult(t_send=0.0), [(1.0, b"HTTP/1.1 200 OK\r\n")], "POST x")
