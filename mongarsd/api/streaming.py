@@ -135,9 +135,7 @@ class StreamWriter:
         self.response = web.StreamResponse(
             status=200, headers={"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        rid = request.get("request_id")
-        if isinstance(rid, str):
-            self.response.headers["X-Request-Id"] = rid
+        self._guard = request.get(GUARD_KEY)  # told of each write, so it need not poll a flowing stream
 
     async def async_prepare(self) -> None:
         await self.response.prepare(self._request)
@@ -148,9 +146,8 @@ class StreamWriter:
             await self.response.write(b"data: " + data + b"\n\n")
         else:
             await self.response.write(data + b"\n")
-        guard = self._request.get(GUARD_KEY)
-        if guard is not None:
-            guard.wrote()
+        if self._guard is not None:
+            self._guard.wrote()
 
     async def async_done(self) -> web.StreamResponse:
         if self._kind == "sse":
