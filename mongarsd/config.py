@@ -88,6 +88,10 @@ class InferenceConfig:
     preload: bool = True
     max_prompt_chars: int = 200_000
     stream_interval_ms: int = 50
+    # With a shared KV pool: host memory for idle conversations' cells, moved out of the pool
+    # when another request starts (every cell in the pool costs every decode step) and copied
+    # back when their conversation returns; 0 leaves them in the pool.
+    prompt_cache_mb: int = 64
     # Which llama.cpp build a distributed install loads (inference/libvariant.py): auto, native
     # or a variant name; a developer's venv always loads its own native build.
     cpu_variant: str = "auto"
@@ -295,6 +299,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "inference.threads": _non_negative,
     "inference.threads_batch": _non_negative,
     "inference.stream_interval_ms": lambda v: None if 0 <= v <= 1000 else "must be between 0 and 1000",
+    "inference.prompt_cache_mb": lambda v: None if 0 <= v <= 1 << 20 else "must be between 0 and 1048576",
     "inference.n_ctx": lambda v: None if 128 <= v <= 1 << 20 else "must be between 128 and 1048576",
     "inference.n_batch": _positive,
     "inference.n_ubatch": _positive,

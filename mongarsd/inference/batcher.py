@@ -15,12 +15,16 @@ and a stream slower than the interval gets every token as it comes.
 
 The prefix cache is the KV itself: a slot keeps the tokens of its last request; a new request
 goes to the slot last used by its `cache_key`, else to the idle slot sharing the longest token
-prefix (slots.choose_slot), and only the non-shared suffix is decoded.
+prefix (slots.choose_slot), and only the non-shared suffix is decoded. In a shared pool, idle
+slots' cells would slow every decode step down, so when a request starts they move to host
+memory (prompt_cache) and come back when a request shares a longer prefix with them than with
+any slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -32,6 +36,7 @@ import structlog
 from mongarsd.errors import InferenceError
 from mongarsd.inference.context import LlamaContext
 from mongarsd.inference.events import FINISH_LENGTH, FINISH_STOP, EngineStats, Timings, TokenEvent
+from mongarsd.inference.prompt_cache import MIN_RESTORE_TOKENS, PromptCache, SavedPrompt
 from mongarsd.inference.sampling import GenerationParams, StopMatcher, Utf8Stream
 from mongarsd.inference.slots import SlotCandidate, cells_to_free, choose_slot, common_prefix_len
 
@@ -120,8 +125,9 @@ class Batcher:
     signals are for the event loop; `clear_cache` only once the thread has exited.
     """
 
-    def __init__(self, llama: LlamaContext, *, slots: int, stream_interval_ms: int = 0) -> None:
+    def __init__(self, llama: LlamaContext, *, slots: int, stream_interval_ms: int = 0, prompt_cache_mb: int = 0) -> None:
         self._llama = llama
+        self._cache = PromptCache(prompt_cache_mb << 20)  # used only with a shared pool
         self._interval_s = stream_interval_ms / 1000.0
         self._held: list[Request] = []  # requests holding text (thread only)
         self._urgent = False  # something in the outbox must go now
@@ -186,6 +192,10 @@ class Batcher:
             kv_cache_tokens=sum(len(s.tokens) for s in self.slots),
             kv_cache_cells=self._llama.n_cells,
             kv_evictions_total=self._evicted_total,
+            prompt_cache_bytes=self._cache.bytes,
+            prompt_cache_entries=len(self._cache.entries),
+            prompt_cache_saves_total=self._cache.saved_total,
+            prompt_cache_restores_total=self._cache.restored_total,
         )
 
     def clear_cache(self) -> None:
@@ -193,6 +203,7 @@ class Batcher:
         for slot in self.slots:
             slot.tokens.clear()
             slot.cache_key = None
+        self._cache.clear()
 
     # ------------------------------------------------------------------ inference thread
 
@@ -337,10 +348,20 @@ class Batcher:
             ]
             index = choose_slot(cands, req.cache_key, len(req.prompt))
             assert index is not None
+            restore: SavedPrompt | None = None
+            if self._pool and self._cache.enabled:
+                cands = self._park_idle(index, cands)
+                restore = self._cache.worth_restoring(req.prompt, next(c.prefix_len for c in cands if c.index == index))
             if self._pool and not self._reserve(req, index, cands):
                 return  # FIFO: the head waits until a running request gives its cells back
             slot = self.slots[index]
             keep = next(c.prefix_len for c in cands if c.index == index)
+            if self._pool and self._cache.enabled and (restore is not None or len(slot.tokens) - keep >= MIN_RESTORE_TOKENS):
+                # Another conversation takes this slot over, often for a shared system prompt:
+                # keep this one's cells (a continuing conversation only loses a token or two).
+                self._save(slot, pinned=restore)
+            if restore is not None:
+                keep = self._restore(slot, restore, req.prompt)
             keep = min(keep, len(req.prompt) - 1)  # always decode >= 1 token for logits
             # The request fits its slot (prompt + max_tokens <= n_ctx_per_slot was checked on
             # submission; in a shared pool _reserve made room): only its own stale suffix goes.
@@ -357,6 +378,49 @@ class Batcher:
             slot.req = req
             slot.cache_key = req.cache_key
             self._requests_total += 1
+
+    def _park_idle(self, chosen: int, cands: list[SlotCandidate]) -> list[SlotCandidate]:
+        """Move the other idle slots' cells to the prompt cache; return `cands` as they are now (thread only).
+
+        llama-server's `--cache-idle-slots`: every cell in a shared pool costs every decode step
+        (see prompt_cache), so a request starts with only running requests' cells beside its own.
+        A conversation the cache cannot hold stays where it is.
+        """
+        out: list[SlotCandidate] = []
+        for c in cands:
+            slot = self.slots[c.index]
+            if c.index != chosen and slot.tokens and self._save(slot):
+                self._llama.lib.llama_memory_seq_rm(self._llama.mem, c.index, -1, -1)
+                slot.tokens.clear()
+                slot.cache_key = None
+                out.append(dataclasses.replace(c, cache_key=None, n_cached=0, prefix_len=0))
+            else:
+                out.append(c)
+        return out
+
+    def _save(self, slot: Slot, *, pinned: SavedPrompt | None = None) -> bool:
+        """Copy an idle slot's cells to the prompt cache; False if they must stay in the pool (thread only).
+
+        `pinned`: the saved conversation about to be copied into this slot, which must survive.
+        """
+        tokens = slot.tokens
+        if len(tokens) < MIN_RESTORE_TOKENS or self._cache.covers(tokens):
+            return True  # too short to be worth a copy, or saved already
+        data = self._llama.save_seq(slot.index)
+        return data is not None and self._cache.add(tokens, slot.cache_key, data, pinned=pinned)
+
+    def _restore(self, slot: Slot, entry: SavedPrompt, prompt: list[int]) -> int:
+        """Copy a saved conversation into `slot`; return the prompt tokens it covers (thread only)."""
+        if not self._llama.load_seq(slot.index, entry.data):
+            # no contiguous room in the pool now; the entry stays for a later request
+            log.warning("prompt_cache_restore_failed", model=self.model_id, tokens=len(entry.tokens))
+            slot.tokens.clear()
+            slot.cache_key = None
+            return 0
+        slot.tokens[:] = entry.tokens
+        slot.cache_key = entry.cache_key
+        self._cache.used(entry)
+        return common_prefix_len(entry.tokens, prompt)
 
     def _reserve(self, req: Request, index: int, cands: list[SlotCandidate]) -> bool:
         """Hold prompt + max_tokens cells of the shared pool for `req` in slot `index` (thread only).

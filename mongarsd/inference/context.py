@@ -16,6 +16,7 @@ split into per-slot streams instead.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,6 +253,38 @@ class LlamaContext:
             if rc != 0:
                 raise InferenceError(f"llama_decode failed with code {rc}")
             pos += len(chunk)
+
+    def save_seq(self, seq: int) -> mmap.mmap | None:
+        """Copy sequence `seq`'s KV cells into a new anonymous mapping; None if it holds none (inference thread).
+
+        Anonymous mappings, not heap blocks: a dropped conversation's memory goes straight back
+        to the OS (the heap keeps blocks under heap.MMAP_THRESHOLD until a trim).
+        """
+        size = int(self.lib.llama_state_seq_get_size(self.ctx, seq))
+        if size <= 0:
+            return None
+        buf = mmap.mmap(-1, size)
+        view = (ctypes.c_uint8 * size).from_buffer(buf)
+        written = int(self.lib.llama_state_seq_get_data(self.ctx, view, size, seq))
+        del view  # the mapping cannot close while a ctypes view exports it
+        if written != size:
+            buf.close()
+            return None
+        return buf
+
+    def load_seq(self, seq: int, data: mmap.mmap) -> bool:
+        """Copy cells saved by save_seq into sequence `seq`, replacing what it held (inference thread).
+
+        False when llama.cpp found no room or refused the data; `seq` is then empty.
+        """
+        size = len(data)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        read = int(self.lib.llama_state_seq_set_data(self.ctx, view, size, seq))
+        del view
+        if read != size:
+            self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            return False
+        return True
 
     def free(self) -> None:
         """Free batch, context and model (blocking; only once the inference thread has exited)."""

@@ -70,6 +70,10 @@ class EngineStats:
     kv_cache_tokens: int
     kv_cache_cells: int
     kv_evictions_total: int = 0  # idle slots' cached prefixes dropped to make room in a shared pool
+    prompt_cache_bytes: int = 0  # idle conversations' cells held in host memory (prompt_cache)
+    prompt_cache_entries: int = 0
+    prompt_cache_saves_total: int = 0
+    prompt_cache_restores_total: int = 0
 
     @property
     def slots_idle(self) -> int:

@@ -55,7 +55,12 @@ class LlamaEngine:
         self.slots = settings.slots
         self.queue_depth = settings.queue_depth
         self._llama = LlamaContext(model_path=self.model_path, model_id=self.model_id, settings=settings)
-        self._batcher = Batcher(self._llama, slots=settings.slots, stream_interval_ms=settings.stream_interval_ms)
+        self._batcher = Batcher(
+            self._llama,
+            slots=settings.slots,
+            stream_interval_ms=settings.stream_interval_ms,
+            prompt_cache_mb=settings.prompt_cache_mb,
+        )
         self._grammars = GrammarCompiler()
         self._thread: threading.Thread | None = None
         self._accepting = False

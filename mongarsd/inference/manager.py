@@ -136,17 +136,19 @@ def estimate_model_mb(
     flash_attn: bool,
     slots: int = 1,
     kv_pool: int = 0,
+    prompt_cache_mb: int = 0,
 ) -> float:
     """Estimate the resident memory of a loaded model: weights + KV cache + compute buffers (pure).
 
-    `n_ctx` is one request's context; the cache holds kv_layout's cells.
+    `n_ctx` is one request's context; the cache holds kv_layout's cells, and a shared pool's idle
+    conversations up to `prompt_cache_mb` more in host memory.
     """
     weights = file_bytes / 2**20
     if info is None:
         return weights * 1.2 + COMPUTE_OVERHEAD_MB
-    cells = kv_layout(n_ctx=n_ctx, slots=slots, kv_pool=kv_pool, flash_attn=flash_attn, n_ctx_train=info.context_length or 0).cells
-    kv = kv_bytes_per_cell(info, kv_cache_type, flash_attn) * cells / 2**20
-    return weights + kv + COMPUTE_OVERHEAD_MB
+    layout = kv_layout(n_ctx=n_ctx, slots=slots, kv_pool=kv_pool, flash_attn=flash_attn, n_ctx_train=info.context_length or 0)
+    kv = kv_bytes_per_cell(info, kv_cache_type, flash_attn) * layout.cells / 2**20
+    return weights + kv + COMPUTE_OVERHEAD_MB + (prompt_cache_mb if layout.unified else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,7 @@ class InferenceManager:
                 use_mlock=section.use_mlock,
                 gpu_layers=section.gpu_layers,
                 stream_interval_ms=section.stream_interval_ms,
+                prompt_cache_mb=section.prompt_cache_mb,
             ),
             keep_alive_s=section.keep_alive_s,
             memory_budget_mb=section.memory_budget_mb,
@@ -636,6 +639,7 @@ class InferenceManager:
                 flash_attn=es.flash_attn,
                 slots=es.slots,
                 kv_pool=es.kv_pool,
+                prompt_cache_mb=es.prompt_cache_mb,
             )
             resident = [Resident(m.entry.id, m.size_mb, m.busy, m.last_used) for m in self._models.values()]
             evict = plan_evictions(self.budget_mb, need, resident)
@@ -778,6 +782,34 @@ class InferenceManager:
                 "counter",
                 "Idle conversations' cached prefixes dropped to make room in the shared KV pool.",
                 float(stats.kv_evictions_total),
+                labels,
+            )
+            yield (
+                "mongarsd_prompt_cache_bytes",
+                "gauge",
+                "Idle conversations' KV cells held in host memory, out of the shared pool.",
+                float(stats.prompt_cache_bytes),
+                labels,
+            )
+            yield (
+                "mongarsd_prompt_cache_entries",
+                "gauge",
+                "Conversations held in the prompt cache.",
+                float(stats.prompt_cache_entries),
+                labels,
+            )
+            yield (
+                "mongarsd_prompt_cache_saves_total",
+                "counter",
+                "Idle conversations moved from the shared KV pool to the prompt cache.",
+                float(stats.prompt_cache_saves_total),
+                labels,
+            )
+            yield (
+                "mongarsd_prompt_cache_restores_total",
+                "counter",
+                "Conversations copied back from the prompt cache instead of decoding their prompt again.",
+                float(stats.prompt_cache_restores_total),
                 labels,
             )
             yield ("mongarsd_model_memory_bytes", "gauge", "Estimated memory of the loaded model.", lm.size_mb * 2**20, labels)

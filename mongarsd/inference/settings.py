@@ -27,12 +27,15 @@ class EngineSettings:
     gpu_layers: int = 0
     warmup: bool = True  # one decode at start so the first request does not pay for lazy init
     stream_interval_ms: int = 0  # hold a stream's tokens for up to this long and hand them over together
+    prompt_cache_mb: int = 0  # shared pool only: host memory for idle conversations' cells (0: they stay in the pool)
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValidationError("slots must be >= 1", param="slots")
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValidationError("stream_interval_ms must be between 0 and 1000", param="stream_interval_ms")
+        if self.prompt_cache_mb < 0:
+            raise ValidationError("prompt_cache_mb must be >= 0", param="prompt_cache_mb")
         if self.kv_pool < 0:
             raise ValidationError("kv_pool must be >= 0", param="kv_pool")
         if self.queue_depth < 0:

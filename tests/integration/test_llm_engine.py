@@ -337,6 +337,82 @@ async def test_a_shared_pool_reserves_cells_and_drops_idle_caches_only_when_shor
         await eng.async_stop()
 
 
+async def test_a_shared_pool_moves_idle_conversations_to_the_prompt_cache_and_back() -> None:
+    # The generic profile's layout with its prompt cache: when a request starts, idle slots'
+    # cells leave the pool for host memory (each cell in the pool costs every decode step),
+    # and a conversation that comes back is copied in again instead of decoded again.
+    eng = make_engine(n_ctx=256, slots=3, kv_pool=512, flash_attn=True, warmup=False, prompt_cache_mb=16)
+    await eng.async_start()
+    try:
+        texts = ("The sea is blue and the sky is wide. ", "Mountains rise over green valleys. ")
+        prompts = {k: eng.tokenize(t * 60, add_special=True)[:180] for k, t in zip("ab", texts, strict=True)}
+        greedy = GenerationParams(max_tokens=20, temperature=0)
+        first_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
+        assert ev.cached_tokens == 0
+        stats = eng.stats()
+        assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 0
+
+        _, ev = await collect(eng, prompts["b"], greedy, cache_key="b")
+        assert ev.cached_tokens == 0
+        stats = eng.stats()
+        assert stats.kv_cache_tokens == 180 + 19  # only b is in the pool now
+        assert stats.prompt_cache_entries == 1 and stats.prompt_cache_saves_total == 1
+        assert stats.prompt_cache_bytes > 0
+
+        again_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
+        assert ev.cached_tokens == 180 - 1  # copied back, not decoded: only the last token is
+        assert again_a == first_a  # the same cells give the same greedy answer
+        stats = eng.stats()
+        assert stats.prompt_cache_restores_total == 1
+        assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 2  # b went out in turn
+        assert stats.kv_evictions_total == 0
+
+        # A request starting while another streams moves only idle cells: the running one's
+        # answer is the one it gives alone.
+        alone_b, _ = await collect(eng, prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b2")
+        running = eng.async_generate(prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b3")
+        parts = [(await anext(running)).text]
+        third = eng.tokenize("Old trains cross the desert at night. " * 30, add_special=True)[:120]
+        joined, ev_c = await collect(eng, third, greedy, cache_key="c")
+        assert ev_c.finish_reason in ("length", "stop") and joined
+        async for e in running:
+            parts.append(e.text)
+        assert "".join(parts) == alone_b
+        assert eng.stats().slots_busy == 0
+    finally:
+        await eng.async_stop()
+    assert eng.stats().prompt_cache_bytes == 0  # unloading gives the host memory back
+
+
+async def test_a_conversation_copied_back_survives_the_save_of_the_one_it_replaces() -> None:
+    # Two prompts sharing a long preamble (a system prompt) take turns in one slot; the cache
+    # holds one of them (2 MB, about 90 tokens of the default model). B taking A's slot for the
+    # preamble saves A first, though most of A is the preamble. Copying A back over B first saves
+    # B, which must not push A out of the cache on the way (it did: the inference thread then
+    # read a closed buffer).
+    eng = make_engine(n_ctx=128, slots=2, kv_pool=256, flash_attn=True, warmup=False, prompt_cache_mb=2)
+    await eng.async_start()
+    try:
+        preamble = eng.tokenize("You are a helpful assistant. " * 8, add_special=True)[:40]
+        a = preamble + eng.tokenize(" The sea is blue and the sky is wide." * 4, add_special=False)[:16]
+        b = preamble + eng.tokenize(" Mountains rise over green valleys." * 4, add_special=False)[:16]
+        greedy = GenerationParams(max_tokens=3, temperature=0)
+        first_a, _ = await collect(eng, a, greedy)
+        _, ev_b = await collect(eng, b, greedy)
+        assert ev_b.cached_tokens == 40  # the preamble, in A's slot; A itself went to the cache
+        stats = eng.stats()
+        assert stats.prompt_cache_entries == 1 and 2**20 < stats.prompt_cache_bytes <= 2**21
+        again_a, ev_a = await collect(eng, a, greedy)
+        assert ev_a.cached_tokens == len(a) - 1 and again_a == first_a
+        stats = eng.stats()
+        assert stats.prompt_cache_restores_total == 1
+        assert stats.prompt_cache_entries == 1  # B did not fit beside A and was let go
+        _, ev_b = await collect(eng, b, greedy)  # the engine still serves
+        assert ev_b.final and eng.stats().slots_busy == 0
+    finally:
+        await eng.async_stop()
+
+
 async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None:
     # the grammar forces text whose emoji spans several byte-level tokens
     assert len(engine.tokenize("🐱", add_special=False)) > 1

@@ -321,5 +321,11 @@ def test_memory_estimates() -> None:
     two = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=2)
     four = estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=4)
     assert pooled == two and four - pooled == pytest.approx(23040 * 4096 / 2**20)
+    # a shared pool's prompt cache is host memory the model may use; per-slot streams have none
+    cached = estimate_model_mb(
+        100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=4, kv_pool=4096, prompt_cache_mb=64
+    )
+    assert cached == pooled + 64
+    assert estimate_model_mb(100 * 2**20, info, n_ctx=2048, kv_cache_type="f16", flash_attn=True, slots=4, prompt_cache_mb=64) == four
     assert effective_budget_mb(0, 4000) == pytest.approx(2400)
     assert effective_budget_mb(512, 4000) == 512
