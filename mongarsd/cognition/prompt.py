@@ -3,6 +3,13 @@
 Order of sacrifice when the context is short: the oldest history turns first, then the
 weakest recalled memories; the system prompt and the user's message are never cut. (The
 original dropped the *newest* turn first and estimated tokens from byte counts.)
+
+Layout: the system prompt, then the history, then one user message that carries what changes
+every turn (style directives, recalled memories, gathered context) ahead of the user's words.
+The engine's prefix cache reuses the KV of the longest unchanged token prefix, so everything
+that differs from one turn to the next goes last: with the memories in the system prompt, each
+turn's new recall changed the prompt's first hundred tokens and the whole history was decoded
+again (measured with four users chatting: 90 of 880 prompt tokens reused per turn).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ TokenCounter = Callable[[list[Msg]], list[int] | int]
 MEMORY_HEADER = "What you remember about this user from earlier conversations (use it only if relevant; it may be outdated):"
 CONTEXT_HEADER = "Background information gathered for this question (may be incomplete):"
 STYLE_HEADER = "How to answer this user:"
+MESSAGE_HEADER = "The user's message:"
 MAX_MEMORY_LINE_CHARS = 600
 
 
@@ -52,7 +60,7 @@ def _one_line(text: str) -> str:
 
 def render(parts: PromptParts, n_memories: int, history_from: int) -> list[Msg]:
     """Build chat messages with the first n_memories memories and history[history_from:]."""
-    blocks = [parts.system.strip()]
+    blocks: list[str] = []
     if parts.directives:
         blocks.append(STYLE_HEADER + "\n" + "\n".join("- " + d for d in parts.directives))
     mems = list(parts.memories[:n_memories])
@@ -60,10 +68,13 @@ def render(parts: PromptParts, n_memories: int, history_from: int) -> list[Msg]:
         blocks.append(MEMORY_HEADER + "\n" + "\n".join("- " + _one_line(m) for m in mems))
     if parts.context:
         blocks.append(CONTEXT_HEADER + "\n" + "\n".join(parts.context))
-    messages: list[Msg] = [{"role": "system", "content": "\n\n".join(b for b in blocks if b)}]
+    messages: list[Msg] = [{"role": "system", "content": parts.system.strip()}]
     for turn in parts.history[history_from:]:
         messages.append({"role": turn["role"], "content": turn["content"]})
-    messages.append({"role": "user", "content": parts.user_message})
+    # one user message, not a second system message: many chat templates refuse a system
+    # message after the first turn, or two user messages in a row
+    user = "\n\n".join([*blocks, MESSAGE_HEADER + "\n" + parts.user_message]) if blocks else parts.user_message
+    messages.append({"role": "user", "content": user})
     return messages
 
 

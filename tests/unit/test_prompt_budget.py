@@ -27,8 +27,12 @@ def test_everything_fits_untouched() -> None:
     fitted = fit(parts, count_words, 10_000)
     assert fitted.dropped_history == 0 and fitted.dropped_memories == 0
     assert fitted.messages == render(parts, 2, 0)
-    assert fitted.messages[-1] == {"role": "user", "content": "hello"}
-    assert "m1" in fitted.messages[0]["content"]
+    assert fitted.messages[0] == {"role": "system", "content": "sys"}
+    assert fitted.messages[-1]["role"] == "user"
+    assert fitted.messages[-1]["content"].endswith("The user's message:\nhello")
+    assert "m1" in fitted.messages[-1]["content"]
+    bare = PromptParts(system="sys", user_message="hello", history=_history(1))
+    assert render(bare, 0, 0)[-1] == {"role": "user", "content": "hello"}  # nothing to carry: the words alone
 
 
 def test_oldest_turns_are_dropped_first_and_whole() -> None:
@@ -48,7 +52,7 @@ def test_memories_dropped_weakest_first_after_history() -> None:
     fitted = fit(parts, count_words, one + 5)
     assert fitted.history_kept == 0
     assert fitted.memories_kept == 1
-    assert "strong" in fitted.messages[0]["content"] and "weak" not in fitted.messages[0]["content"]
+    assert "strong" in fitted.messages[-1]["content"] and "weak" not in fitted.messages[-1]["content"]
 
 
 def test_too_large_alone_is_413_with_clear_message() -> None:
@@ -60,11 +64,26 @@ def test_too_large_alone_is_413_with_clear_message() -> None:
     assert "100" in str(err.value) and "max_tokens" in str(err.value)
 
 
-def test_directives_and_context_are_in_system_prompt() -> None:
+def test_directives_and_context_come_with_the_users_message() -> None:
     parts = PromptParts(system="base", user_message="q", directives=["Answer in French."], context=["research text"])
-    sys_msg = render(parts, 0, 0)[0]
-    assert sys_msg["role"] == "system"
-    assert "Answer in French." in sys_msg["content"] and "research text" in sys_msg["content"]
+    msgs = render(parts, 0, 0)
+    assert msgs[0] == {"role": "system", "content": "base"}
+    assert msgs[-1]["role"] == "user"
+    assert "Answer in French." in msgs[-1]["content"] and "research text" in msgs[-1]["content"]
+    assert msgs[-1]["content"].endswith("\nq")
+
+
+def test_the_next_turn_keeps_the_previous_prompt_as_its_prefix() -> None:
+    # The engine's prefix cache reuses the KV of the unchanged start of a prompt: what changes
+    # each turn (style, recalled memories, context) must not come before the history.
+    turn1 = PromptParts(system="sys", user_message="first", directives=["Be brief."], memories=["m1"], history=_history(2))
+    before = render(turn1, 1, 0)
+    history2 = [*turn1.history, {"role": "user", "content": "first"}, {"role": "assistant", "content": "answer"}]
+    turn2 = PromptParts(system="sys", user_message="second", directives=["Be warm."], memories=["m7", "m8"], history=history2)
+    after = render(turn2, 2, 0)
+    kept = 1 + len(turn1.history)  # the system prompt and every earlier turn
+    assert after[:kept] == before[:kept]
+    assert after[kept : kept + 2] == history2[-2:]
 
 
 @settings(max_examples=200, deadline=None)
