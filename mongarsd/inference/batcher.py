@@ -136,6 +136,7 @@ class Batcher:
         self.n_slots = slots
         self.slots = [Slot(i) for i in range(slots)]
         self._pool = 0  # cells the slots share (0: a stream each); known once the model is loaded
+        self._caching = False  # idle conversations go to the prompt cache (a shared pool with a budget)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake = threading.Event()
         self.ready = threading.Event()  # set once warmed up (or dead)
@@ -211,6 +212,7 @@ class Batcher:
         """Inference thread main loop: admit, batch, decode, sample, deliver."""
         slots = self.slots
         self._pool = self._llama.n_cells if self._llama.unified else 0
+        self._caching = bool(self._pool) and self._cache.enabled
         try:
             if warmup:
                 self._llama.warmup()
@@ -348,15 +350,15 @@ class Batcher:
             ]
             index = choose_slot(cands, req.cache_key, len(req.prompt))
             assert index is not None
+            keep = next(c.prefix_len for c in cands if c.index == index)
             restore: SavedPrompt | None = None
-            if self._pool and self._cache.enabled:
-                cands = self._park_idle(index, cands)
-                restore = self._cache.worth_restoring(req.prompt, next(c.prefix_len for c in cands if c.index == index))
+            if self._caching:
+                cands = self._park_idle(index, cands)  # the chosen slot's candidate stays as it was
+                restore = self._cache.worth_restoring(req.prompt, keep)
             if self._pool and not self._reserve(req, index, cands):
                 return  # FIFO: the head waits until a running request gives its cells back
             slot = self.slots[index]
-            keep = next(c.prefix_len for c in cands if c.index == index)
-            if self._pool and self._cache.enabled and (restore is not None or len(slot.tokens) - keep >= MIN_RESTORE_TOKENS):
+            if self._caching and (restore is not None or len(slot.tokens) - keep >= MIN_RESTORE_TOKENS):
                 # Another conversation takes this slot over, often for a shared system prompt:
                 # keep this one's cells (a continuing conversation only loses a token or two).
                 self._save(slot, pinned=restore)

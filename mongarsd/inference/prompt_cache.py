@@ -26,6 +26,10 @@ from mongarsd.inference.slots import common_prefix_len
 MIN_RESTORE_TOKENS = 16  # a shorter shared prefix is decoded again rather than copied back
 
 
+def _starts_with(tokens: Sequence[int], prefix: Sequence[int]) -> bool:
+    return len(prefix) <= len(tokens) and common_prefix_len(tokens, prefix) == len(prefix)
+
+
 @dataclass(slots=True, eq=False)  # identity: two saves of the same tokens are two entries
 class SavedPrompt:
     """One conversation's cells in host memory: the tokens they hold and their bytes."""
@@ -57,9 +61,8 @@ class PromptCache:
 
     def covers(self, tokens: Sequence[int]) -> bool:
         """Return True when a saved conversation already holds `tokens` (as itself or a prefix)."""
-        n = len(tokens)
         for e in self.entries:
-            if len(e.tokens) >= n and common_prefix_len(e.tokens, tokens) == n:
+            if _starts_with(e.tokens, tokens):
                 e.last_used = self._tick()
                 return True
         return False
@@ -93,10 +96,7 @@ class PromptCache:
         if size > room:
             data.close()
             return False
-        n = len(tokens)
-        for e in [
-            e for e in self.entries if e is not pinned and len(e.tokens) <= n and common_prefix_len(e.tokens, tokens) == len(e.tokens)
-        ]:
+        for e in [e for e in self.entries if e is not pinned and _starts_with(tokens, e.tokens)]:
             self._drop(e)
         while self.bytes + size > self.budget_bytes:
             self._drop(min((e for e in self.entries if e is not pinned), key=lambda e: e.last_used))
