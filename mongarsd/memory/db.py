@@ -48,9 +48,15 @@ RECOVERY_HINT = (
 
 def _connect_sync(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        # a file that is not a database fails here: close it now, not whenever the traceback
+        # that references this frame is collected (the file stayed open until then)
+        conn.close()
+        raise
     return conn
 
 
