@@ -21,9 +21,9 @@ import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mongarsd.inference.slots import common_prefix_len
+from mongarsd.inference.slots import MIN_SHARED_PREFIX, common_prefix_len
 
-MIN_RESTORE_TOKENS = 16  # a shorter shared prefix is decoded again rather than copied back
+MIN_RESTORE_TOKENS = MIN_SHARED_PREFIX  # a shorter shared prefix is decoded again rather than copied back
 
 
 def _starts_with(tokens: Sequence[int], prefix: Sequence[int]) -> bool:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 MIN_RETRY_AFTER_S = 1.0
 MAX_RETRY_AFTER_S = 30.0  # a client told to wait longer gives up; the estimate is capped here
 SLOT_SIMILARITY_MIN = 0.1  # llama-server's --slot-prompt-similarity default
+# A shorter shared prefix (a chat template's header, "<|im_start|>system\nYou are a") saves too
+# little prefill to take a slot that holds another conversation, or to copy one back.
+MIN_SHARED_PREFIX = 16
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -41,7 +44,7 @@ def choose_slot(idle: Sequence[SlotCandidate], cache_key: str | None, prompt_len
 
     1. the slot last used by the same conversation (`cache_key`);
     2. else the slot sharing the longest prefix, if it covers at least
-       SLOT_SIMILARITY_MIN of the prompt;
+       SLOT_SIMILARITY_MIN of the prompt and MIN_SHARED_PREFIX tokens;
     3. else an empty slot, else the least recently used one, keeping conversation
        (cache_key) caches over anonymous ones.
     """
@@ -52,7 +55,7 @@ def choose_slot(idle: Sequence[SlotCandidate], cache_key: str | None, prompt_len
         if same:
             return max(same, key=lambda c: (c.prefix_len, c.last_used)).index
     best = max(idle, key=lambda c: (c.prefix_len, -c.last_used))
-    if best.prefix_len > 0 and best.prefix_len >= SLOT_SIMILARITY_MIN * max(prompt_len, 1):
+    if best.prefix_len >= max(MIN_SHARED_PREFIX, SLOT_SIMILARITY_MIN * prompt_len):
         return best.index
     # overwrite anonymous caches before a conversation's, each least recently used first
     return min(idle, key=lambda c: (c.n_cached > 0, c.cache_key is not None, c.last_used, c.index)).index

@@ -71,6 +71,12 @@ def test_choose_slot_ignores_tiny_prefix_and_takes_empty_then_lru() -> None:
     idle = [cand(0, cached=500, used=3), cand(2, cached=10, used=1)]
     assert choose_slot(idle, None, 1000) == 2
     assert choose_slot([], None, 10) is None
+    # a chat template's header (5 tokens of a 40-token prompt) is no reason to take a slot
+    # holding another conversation while one is empty; 16 shared tokens are
+    idle = [cand(0, key="conv-1", prefix=5, cached=200, used=2), cand(1)]
+    assert choose_slot(idle, "conv-2", 40) == 1
+    idle = [cand(0, key="conv-1", prefix=16, cached=200, used=2), cand(1)]
+    assert choose_slot(idle, "conv-2", 40) == 0
     # a conversation's cache outlives an anonymous one even if used earlier
     idle = [cand(0, key="conv", cached=300, used=1), cand(1, cached=10, used=7)]
     assert choose_slot(idle, None, 1000) == 1
