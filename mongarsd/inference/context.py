@@ -255,7 +255,7 @@ class LlamaContext:
             pos += len(chunk)
 
     def save_seq(self, seq: int) -> mmap.mmap | None:
-        """Copy sequence `seq`'s KV cells into a new anonymous mapping; None if it holds none (inference thread).
+        """Copy sequence `seq`'s KV cells into a new anonymous mapping; None if it holds none or no memory is left (inference thread).
 
         Anonymous mappings, not heap blocks: a dropped conversation's memory goes straight back
         to the OS (the heap keeps blocks under heap.MMAP_THRESHOLD until a trim).
@@ -263,7 +263,11 @@ class LlamaContext:
         size = int(self.lib.llama_state_seq_get_size(self.ctx, seq))
         if size <= 0:
             return None
-        buf = mmap.mmap(-1, size)
+        try:
+            buf = mmap.mmap(-1, size)
+        except OSError as err:  # out of memory or map count: the cells stay in the pool
+            log.warning("prompt_cache_save_failed", seq=seq, bytes=size, error=str(err))
+            return None
         view = (ctypes.c_uint8 * size).from_buffer(buf)
         written = int(self.lib.llama_state_seq_get_data(self.ctx, view, size, seq))
         del view  # the mapping cannot close while a ctypes view exports it

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
+import mmap
 import time
 from collections.abc import AsyncIterator
 
@@ -337,50 +339,63 @@ async def test_a_shared_pool_reserves_cells_and_drops_idle_caches_only_when_shor
         await eng.async_stop()
 
 
-async def test_a_shared_pool_moves_idle_conversations_to_the_prompt_cache_and_back() -> None:
-    # The generic profile's layout with its prompt cache: when a request starts, idle slots'
-    # cells leave the pool for host memory (each cell in the pool costs every decode step),
-    # and a conversation that comes back is copied in again instead of decoded again.
+@pytest_asyncio.fixture(loop_scope="module")
+async def cached_pool() -> AsyncIterator[LlamaEngine]:
+    """The generic profile's layout, smaller: three slots sharing 512 cells, a 16 MB prompt cache."""
     eng = make_engine(n_ctx=256, slots=3, kv_pool=512, flash_attn=True, warmup=False, prompt_cache_mb=16)
     await eng.async_start()
     try:
-        texts = ("The sea is blue and the sky is wide. ", "Mountains rise over green valleys. ")
-        prompts = {k: eng.tokenize(t * 60, add_special=True)[:180] for k, t in zip("ab", texts, strict=True)}
-        greedy = GenerationParams(max_tokens=20, temperature=0)
-        first_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
-        assert ev.cached_tokens == 0
-        stats = eng.stats()
-        assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 0
-
-        _, ev = await collect(eng, prompts["b"], greedy, cache_key="b")
-        assert ev.cached_tokens == 0
-        stats = eng.stats()
-        assert stats.kv_cache_tokens == 180 + 19  # only b is in the pool now
-        assert stats.prompt_cache_entries == 1 and stats.prompt_cache_saves_total == 1
-        assert stats.prompt_cache_bytes > 0
-
-        again_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
-        assert ev.cached_tokens == 180 - 1  # copied back, not decoded: only the last token is
-        assert again_a == first_a  # the same cells give the same greedy answer
-        stats = eng.stats()
-        assert stats.prompt_cache_restores_total == 1
-        assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 2  # b went out in turn
-        assert stats.kv_evictions_total == 0
-
-        # A request starting while another streams moves only idle cells: the running one's
-        # answer is the one it gives alone.
-        alone_b, _ = await collect(eng, prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b2")
-        running = eng.async_generate(prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b3")
-        parts = [(await anext(running)).text]
-        third = eng.tokenize("Old trains cross the desert at night. " * 30, add_special=True)[:120]
-        joined, ev_c = await collect(eng, third, greedy, cache_key="c")
-        assert ev_c.finish_reason in ("length", "stop") and joined
-        async for e in running:
-            parts.append(e.text)
-        assert "".join(parts) == alone_b
-        assert eng.stats().slots_busy == 0
+        yield eng
     finally:
         await eng.async_stop()
+
+
+def two_conversations(eng: LlamaEngine) -> dict[str, list[int]]:
+    """Two unrelated 180-token prompts, "a" and "b"."""
+    texts = ("The sea is blue and the sky is wide. ", "Mountains rise over green valleys. ")
+    return {k: eng.tokenize(t * 60, add_special=True)[:180] for k, t in zip("ab", texts, strict=True)}
+
+
+async def test_a_shared_pool_moves_idle_conversations_to_the_prompt_cache_and_back(cached_pool: LlamaEngine) -> None:
+    # The generic profile's layout with its prompt cache: when a request starts, idle slots'
+    # cells leave the pool for host memory (each cell in the pool costs every decode step),
+    # and a conversation that comes back is copied in again instead of decoded again.
+    eng = cached_pool
+    prompts = two_conversations(eng)
+    greedy = GenerationParams(max_tokens=20, temperature=0)
+    first_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
+    assert ev.cached_tokens == 0
+    stats = eng.stats()
+    assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 0
+
+    _, ev = await collect(eng, prompts["b"], greedy, cache_key="b")
+    assert ev.cached_tokens == 0
+    stats = eng.stats()
+    assert stats.kv_cache_tokens == 180 + 19  # only b is in the pool now
+    assert stats.prompt_cache_entries == 1 and stats.prompt_cache_saves_total == 1
+    assert stats.prompt_cache_bytes > 0
+
+    again_a, ev = await collect(eng, prompts["a"], greedy, cache_key="a")
+    assert ev.cached_tokens == 180 - 1  # copied back, not decoded: only the last token is
+    assert again_a == first_a  # the same cells give the same greedy answer
+    stats = eng.stats()
+    assert stats.prompt_cache_restores_total == 1
+    assert stats.kv_cache_tokens == 180 + 19 and stats.prompt_cache_entries == 2  # b went out in turn
+    assert stats.kv_evictions_total == 0
+
+    # A request starting while another streams moves only idle cells: the running one's
+    # answer is the one it gives alone.
+    alone_b, _ = await collect(eng, prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b2")
+    running = eng.async_generate(prompts["b"], GenerationParams(max_tokens=40, temperature=0), cache_key="b3")
+    parts = [(await anext(running)).text]
+    third = eng.tokenize("Old trains cross the desert at night. " * 30, add_special=True)[:120]
+    joined, ev_c = await collect(eng, third, greedy, cache_key="c")
+    assert ev_c.finish_reason in ("length", "stop") and joined
+    async for e in running:
+        parts.append(e.text)
+    assert "".join(parts) == alone_b
+    assert eng.stats().slots_busy == 0
+    await eng.async_stop()
     assert eng.stats().prompt_cache_bytes == 0  # unloading gives the host memory back
 
 
@@ -411,6 +426,35 @@ async def test_a_conversation_copied_back_survives_the_save_of_the_one_it_replac
         assert ev_b.final and eng.stats().slots_busy == 0
     finally:
         await eng.async_stop()
+
+
+async def test_a_conversation_the_prompt_cache_cannot_map_stays_in_the_pool(
+    cached_pool: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Host memory runs out (mmap fails) when a request starts: the idle conversation keeps
+    # its cells in the pool instead of the inference thread failing, and comes back from there.
+    eng = cached_pool
+    prompts = two_conversations(eng)
+    greedy = GenerationParams(max_tokens=20, temperature=0)
+    first_a, _ = await collect(eng, prompts["a"], greedy, cache_key="a")
+
+    def no_memory(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(mmap, "mmap", no_memory)
+        _, ev_b = await collect(eng, prompts["b"], greedy, cache_key="b")
+    assert ev_b.finish_reason in ("length", "stop")
+    stats = eng.stats()
+    assert stats.prompt_cache_entries == 0 and stats.prompt_cache_saves_total == 0
+    assert stats.kv_cache_tokens == 2 * (180 + 19)  # a stayed beside b
+    again_a, ev_a = await collect(eng, prompts["a"], greedy, cache_key="a")
+    assert ev_a.cached_tokens == 180 - 1 and again_a == first_a  # from its own slot
+    # with memory back, b went to the cache, and so did a's previous turn, whose answer
+    # (19 tokens) this repeated prompt drops from the slot
+    stats = eng.stats()
+    assert stats.prompt_cache_saves_total == 2 and stats.prompt_cache_entries == 2
+    assert stats.kv_cache_tokens == 180 + 19
 
 
 async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None:
