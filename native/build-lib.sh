@@ -5,6 +5,7 @@
 # Usage: native/build-lib.sh ARCH VARIANT
 #   x86_64  x86-64-v2           SSE4.2/POPCNT: any x86-64 since Nehalem (old i7s)
 #   x86_64  x86-64-v3           AVX2/FMA/F16C/BMI2, no AVX-512: Haswell and later, Zen
+#   x86_64  x86-64-v4           + AVX-512 F/CD/BW/DQ/VL: Skylake-SP, Ice Lake, Zen 4
 #   arm64   armv8-a             Cortex-A72 (Pi 4), any 64-bit Arm: no dotprod
 #   arm64   armv8.2-a+dotprod   Cortex-A76 (Pi 5), Cortex-A78AE (Orin): dotprod + fp16
 # Env:   VENV (default <repo>/.venv), JOBS (default nproc),
@@ -43,11 +44,14 @@ case "$ARCH/$VARIANT" in
     x86_64/x86-64-v3)
         ISA=("${X86_OFF[@]}" -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
         CC_PREFIX="" ;;
+    x86_64/x86-64-v4)
+        ISA=("${X86_OFF[@]}" -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON)
+        CC_PREFIX="" ;;
     arm64/armv8-a)
         ISA=(-DGGML_CPU_ARM_ARCH=armv8-a); CC_PREFIX=aarch64-linux-gnu- ;;
     arm64/armv8.2-a+dotprod)
         ISA=(-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16); CC_PREFIX=aarch64-linux-gnu- ;;
-    *) die "unknown ARCH/VARIANT $ARCH/$VARIANT (x86_64: x86-64-v2 x86-64-v3; arm64: armv8-a armv8.2-a+dotprod)" ;;
+    *) die "unknown ARCH/VARIANT $ARCH/$VARIANT (x86_64: x86-64-v2 x86-64-v3 x86-64-v4; arm64: armv8-a armv8.2-a+dotprod)" ;;
 esac
 
 HOST_ARCH="$(uname -m)"

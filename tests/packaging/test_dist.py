@@ -78,7 +78,7 @@ def variant_dirs(build: DistBuild) -> dict[str, Path]:
 
 def test_x86_64_folder_is_x86_64_with_a_stated_glibc_floor(dist_x86_64: DistBuild) -> None:
     check_architecture_and_glibc(dist_x86_64)
-    assert set(variant_dirs(dist_x86_64)) == {"x86-64-v2", "x86-64-v3"}
+    assert set(variant_dirs(dist_x86_64)) == {"x86-64-v2", "x86-64-v3", "x86-64-v4"}
     assert not (dist_x86_64.folder / "_internal" / "llama_cpp" / "lib").exists(), "the build machine's native llama.cpp was bundled"
 
 
@@ -86,14 +86,15 @@ _AVX512 = re.compile(r"%zmm\d|%k[0-7]\b|\{%k[0-7]\}")
 _AVX2 = re.compile(r"%ymm\d")
 
 
-def test_x86_64_llama_libraries_have_no_avx512_and_the_baseline_no_avx(dist_x86_64: DistBuild) -> None:
+def test_x86_64_llama_libraries_use_avx512_only_in_v4_and_the_baseline_no_avx(dist_x86_64: DistBuild) -> None:
     variants = variant_dirs(dist_x86_64)
-    for name, folder in variants.items():
-        for lib in sorted(folder.glob("lib*.so*")):
-            text = disassembly(lib, "x86_64")
-            hits = _AVX512.findall(text)
+    for name in ("x86-64-v2", "x86-64-v3"):
+        for lib in sorted(variants[name].glob("lib*.so*")):
+            hits = _AVX512.findall(disassembly(lib, "x86_64"))
             assert not hits, f"{name}/{lib.name} uses AVX-512 registers: {hits[:5]}"
-    # The check can tell: the v3 CPU backend does use 256-bit AVX registers, the v2 one does not.
+    # The checks can tell: the v4 CPU backend uses AVX-512 registers, the v3 one 256-bit AVX
+    # registers, the v2 one neither.
+    assert _AVX512.search(disassembly(variants["x86-64-v4"] / "libggml-cpu.so.0", "x86_64"))
     assert _AVX2.search(disassembly(variants["x86-64-v3"] / "libggml-cpu.so.0", "x86_64"))
     assert not _AVX2.search(disassembly(variants["x86-64-v2"] / "libggml-cpu.so.0", "x86_64"))
 
@@ -234,7 +235,7 @@ def x86_root(tmp_path_factory: pytest.TempPathFactory, dist_x86_64: DistBuild) -
 
 def test_x86_64_executable_answers_a_chat_in_a_root_without_python(dist_x86_64: DistBuild, x86_root: Path, tmp_path: Path) -> None:
     flags = libvariant.parse_x86_flags(Path("/proc/cpuinfo").read_text())
-    best = "x86-64-v3" if {"avx2", "fma", "f16c", "bmi2"} <= flags else "x86-64-v2"
+    best = next(v.name for v in libvariant.VARIANTS if v.arch == "x86_64" and v.requires <= flags)
     run_daemon_twice(
         dist_x86_64, x86_root, tmp_path, ready_timeout=120, chat_timeout=120, variants=(("auto", best), ("x86-64-v2", "x86-64-v2"))
     )

@@ -12,10 +12,11 @@ from mongarsd.inference import libvariant
 from mongarsd.inference.libvariant import AUTO, NATIVE, select
 
 LIBS = Path("/opt/libs")
-X86_ALL = {"x86-64-v3", "x86-64-v2"}
+X86_ALL = {"x86-64-v4", "x86-64-v3", "x86-64-v2"}
 ARM_ALL = {"armv8.2-a+dotprod", "armv8-a"}
 HASWELL = {"sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi2"}
 NEHALEM = {"sse4_2", "ssse3", "popcnt"}
+AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # x86-64-v4
 A76 = {"fp", "asimd", "fphp", "asimdhp", "asimddp"}
 A72 = {"fp", "asimd"}
 
@@ -25,7 +26,8 @@ A72 = {"fp", "asimd"}
     [
         ("x86_64", HASWELL, "x86-64-v3"),
         ("x86_64", NEHALEM | {"avx"}, "x86-64-v2"),  # AVX without AVX2 (Sandy Bridge): the baseline
-        ("x86_64", HASWELL | {"avx512f", "avx512bw"}, "x86-64-v3"),  # AVX-512 CPUs still get no AVX-512 code
+        ("x86_64", HASWELL | AVX512, "x86-64-v4"),  # Ice Lake, Zen 4
+        ("x86_64", HASWELL | {"avx512f", "avx512cd"}, "x86-64-v3"),  # Knights Landing: F and CD without BW/DQ/VL
         ("arm64", A76, "armv8.2-a+dotprod"),
         ("arm64", A72, "armv8-a"),
         ("arm64", A72 | {"asimddp"}, "armv8-a"),  # dotprod without fp16 arithmetic: baseline
@@ -47,6 +49,8 @@ def test_a_variant_the_cpu_cannot_run_is_refused_naming_the_missing_features() -
         select(arch="arm64", hwcaps=A72, requested="armv8.2-a+dotprod", available=ARM_ALL, libs=LIBS)
     with pytest.raises(ConfigError, match="avx2"):
         select(arch="x86_64", hwcaps=NEHALEM, requested="x86-64-v3", available=X86_ALL, libs=LIBS)
+    with pytest.raises(ConfigError, match=r"avx512bw, avx512dq, avx512vl\)"):
+        select(arch="x86_64", hwcaps=HASWELL | {"avx512f", "avx512cd"}, requested="x86-64-v4", available=X86_ALL, libs=LIBS)
 
 
 def test_a_variant_of_another_architecture_or_absent_is_refused() -> None:
@@ -57,7 +61,7 @@ def test_a_variant_of_another_architecture_or_absent_is_refused() -> None:
     with pytest.raises(ConfigError, match="runs on this CPU"):
         select(arch="x86_64", hwcaps=set(), requested=AUTO, available=X86_ALL, libs=LIBS)
     with pytest.raises(ConfigError, match="unknown value"):
-        select(arch="x86_64", hwcaps=HASWELL, requested="x86-64-v4", available=X86_ALL, libs=LIBS)
+        select(arch="x86_64", hwcaps=HASWELL, requested="x86-64-v5", available=X86_ALL, libs=LIBS)
 
 
 def test_a_developer_venv_without_portable_libraries_loads_its_native_build() -> None:
