@@ -548,10 +548,10 @@ P3_PROMPT: Final = "Question {n}: In two short sentences, explain why the sky is
 def _p3(c: LlmRun) -> None:
     results, dside, sside, server_error, common = c.results, c.dside, c.sside, c.server_error, c.common
     ours, theirs, deltas = [], [], []
+    sides = [s for s in (dside, sside) if s is not None]
     for rep in range(TTFT_REPS):
         prompt = P3_PROMPT.format(n=rep * 13 + 3)  # new prompt each rep: no prefix-cache hit on either side
         # the two sides back to back, each first every other rep: the VM's drift falls on both
-        sides = [s for s in (dside, sside) if s is not None]
         got: dict[str, float] = {}
         for side in sides if rep % 2 == 0 else sides[::-1]:
             r = asyncio.run(async_one(side, prompt, 4))

@@ -36,9 +36,9 @@ import structlog
 from mongarsd.errors import InferenceError
 from mongarsd.inference.context import LlamaContext
 from mongarsd.inference.events import FINISH_LENGTH, FINISH_STOP, EngineStats, Timings, TokenEvent
-from mongarsd.inference.prompt_cache import MIN_RESTORE_TOKENS, PromptCache, SavedPrompt
+from mongarsd.inference.prompt_cache import PromptCache, SavedPrompt
 from mongarsd.inference.sampling import GenerationParams, StopMatcher, Utf8Stream
-from mongarsd.inference.slots import SlotCandidate, cells_to_free, choose_slot, common_prefix_len
+from mongarsd.inference.slots import MIN_SHARED_PREFIX, SlotCandidate, cells_to_free, choose_slot, common_prefix_len
 
 log = structlog.get_logger("mongarsd.inference.llm")
 
@@ -358,7 +358,7 @@ class Batcher:
             if self._pool and not self._reserve(req, index, cands):
                 return  # FIFO: the head waits until a running request gives its cells back
             slot = self.slots[index]
-            if self._caching and (restore is not None or len(slot.tokens) - keep >= MIN_RESTORE_TOKENS):
+            if self._caching and (restore is not None or len(slot.tokens) - keep >= MIN_SHARED_PREFIX):
                 # Another conversation takes this slot over, often for a shared system prompt:
                 # keep this one's cells (a continuing conversation only loses a token or two).
                 self._save(slot, pinned=restore)
@@ -406,7 +406,7 @@ class Batcher:
         `pinned`: the saved conversation about to be copied into this slot, which must survive.
         """
         tokens = slot.tokens
-        if len(tokens) < MIN_RESTORE_TOKENS or self._cache.covers(tokens):
+        if len(tokens) < MIN_SHARED_PREFIX or self._cache.covers(tokens):
             return True  # too short to be worth a copy, or saved already
         data = self._llama.save_seq(slot.index)
         return data is not None and self._cache.add(tokens, slot.cache_key, data, pinned=pinned)

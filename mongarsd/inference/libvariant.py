@@ -48,15 +48,17 @@ class Variant:
     description: str
 
 
+_X86_64_V3: Final = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
+
 # Fastest first within an architecture: `auto` takes the first one the CPU can run.
 VARIANTS: Final[tuple[Variant, ...]] = (
     Variant(
         "x86-64-v4",
         "x86_64",
-        frozenset({"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+        _X86_64_V3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"},
         "AVX-512 F/CD/BW/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and later)",
     ),
-    Variant("x86-64-v3", "x86_64", frozenset({"avx", "avx2", "fma", "f16c", "bmi2"}), "AVX2 + FMA, no AVX-512 (Haswell, Zen and later)"),
+    Variant("x86-64-v3", "x86_64", _X86_64_V3, "AVX2 + FMA, no AVX-512 (Haswell, Zen and later)"),
     Variant("x86-64-v2", "x86_64", frozenset({"sse4_2", "ssse3", "popcnt"}), "SSE4.2 baseline (any x86-64 since Nehalem)"),
     Variant("armv8.2-a+dotprod", "arm64", frozenset({"asimddp", "fphp", "asimdhp"}), "dotprod + fp16 (Cortex-A76 / A78: Pi 5, Orin)"),
     Variant("armv8-a", "arm64", frozenset({"asimd"}), "Armv8.0 baseline, no dotprod (Cortex-A72: Pi 4)"),

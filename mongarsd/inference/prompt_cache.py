@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 from mongarsd.inference.slots import MIN_SHARED_PREFIX, common_prefix_len
 
-MIN_RESTORE_TOKENS = MIN_SHARED_PREFIX  # a shorter shared prefix is decoded again rather than copied back
-
 
 def _starts_with(tokens: Sequence[int], prefix: Sequence[int]) -> bool:
     return len(prefix) <= len(tokens) and common_prefix_len(tokens, prefix) == len(prefix)
@@ -80,7 +78,7 @@ class PromptCache:
     def worth_restoring(self, prompt: Sequence[int], slot_prefix: int) -> SavedPrompt | None:
         """Return the saved conversation to copy back for `prompt`, or None when the slot's own cells do as well."""
         entry, n = self.best(prompt)
-        if entry is None or n < MIN_RESTORE_TOKENS or n <= slot_prefix:
+        if entry is None or n < MIN_SHARED_PREFIX or n <= slot_prefix:
             return None
         return entry
 

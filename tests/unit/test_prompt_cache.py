@@ -6,7 +6,8 @@ import mmap
 
 import pytest
 
-from mongarsd.inference.prompt_cache import MIN_RESTORE_TOKENS, PromptCache
+from mongarsd.inference.prompt_cache import PromptCache
+from mongarsd.inference.slots import MIN_SHARED_PREFIX
 
 
 def data(n: int) -> mmap.mmap:
@@ -23,7 +24,7 @@ def test_the_longest_shared_prefix_is_restored_and_only_when_it_beats_the_slot()
     assert entry is not None and entry.tokens == a and n == 80
     assert cache.worth_restoring(prompt, slot_prefix=10) is entry
     assert cache.worth_restoring(prompt, slot_prefix=80) is None  # the slot holds as much already
-    short = [*range(MIN_RESTORE_TOKENS - 1), 5000]
+    short = [*range(MIN_SHARED_PREFIX - 1), 5000]
     assert cache.worth_restoring(short, slot_prefix=0) is None  # decoding it again is cheaper
     assert cache.worth_restoring([5000, 1, 2], slot_prefix=0) is None
     cache.used(entry)
