@@ -123,6 +123,7 @@ class LlamaContext:
         self.pieces: dict[int, bytes] = {}  # token -> bytes, filled by the inference thread
         self.eog: dict[int, bool] = {}  # token -> end of generation, filled by the inference thread
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF_BYTES)
+        self._byte_tokens: dict[int, int] | None = None  # see byte_tokens
         self._logits_ith: Any = None
         self._is_eog: Any = None
         self._row: Any = None  # ctypes type of one row of logits
@@ -307,6 +308,7 @@ class LlamaContext:
             self.model = None
             self.vocab = None
         self._views.clear()  # views of the freed context's logits buffer
+        self._byte_tokens = None
         trim_heap()  # the KV cache and compute buffers come from the heap (heap.MMAP_THRESHOLD)
 
     # ------------------------------------------------------------------ text <-> tokens
@@ -341,16 +343,36 @@ class LlamaContext:
 
     def piece(self, tok: int) -> bytes:
         """Return and cache the bytes of one token (inference thread: shares one buffer)."""
-        buf = self._piece_buf
-        n = self.lib.llama_token_to_piece(self.vocab, tok, buf, PIECE_BUF_BYTES, 0, False)
-        if n < 0:
-            big = ctypes.create_string_buffer(-n)
-            n = self.lib.llama_token_to_piece(self.vocab, tok, big, -n, 0, False)
-            piece = big.raw[: max(n, 0)]
-        else:
-            piece = buf.raw[:n]
+        piece = self._to_piece(tok, False)
         self.pieces[tok] = piece
         return piece
+
+    def grammar_piece(self, tok: int) -> bytes:
+        """The bytes llama.cpp's grammars see for a token: control tokens spelled out (inference thread)."""
+        return self._to_piece(tok, True)
+
+    def _to_piece(self, tok: int, special: bool) -> bytes:
+        buf = self._piece_buf
+        n = self.lib.llama_token_to_piece(self.vocab, tok, buf, PIECE_BUF_BYTES, 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, tok, big, -n, 0, special)
+            return big.raw[: max(n, 0)]
+        return buf.raw[:n]
+
+    def byte_tokens(self) -> dict[int, int]:
+        """A token for each byte value the vocabulary spells with a one-byte token (inference thread).
+
+        Built on first use by reading every piece once (~50 ms for 49k tokens), then kept.
+        """
+        if self._byte_tokens is None:
+            found: dict[int, int] = {}
+            for tok in range(self.n_vocab):
+                piece = self._to_piece(tok, False)
+                if len(piece) == 1:
+                    found.setdefault(piece[0], tok)
+            self._byte_tokens = found
+        return self._byte_tokens
 
     # ------------------------------------------------------------------ samplers
 
@@ -368,7 +390,8 @@ class LlamaContext:
         chain = lib.llama_sampler_chain_init(chain_params)
         add = lib.llama_sampler_chain_add
         g = None
-        if grammar is not None and params.tools is not None and params.tools.lazy:
+        lazy = grammar is not None and params.tools is not None and params.tools.lazy
+        if grammar is not None and lazy:
             # tool_choice auto: free text until the model opens a call, then the call's grammar
             patterns = (ctypes.c_char_p * 1)(TRIGGER_PATTERN.encode("utf-8"))
             g = lib.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0)
@@ -394,7 +417,9 @@ class LlamaContext:
             )
         if params.greedy:
             add(chain, lib.llama_sampler_init_greedy())
-            return chain if g is None else ConstrainedSampler(self, chain, g, argmax=not params.penalties_enabled)
+            if g is None:
+                return chain
+            return ConstrainedSampler(self, chain, g, argmax=not params.penalties_enabled, lazy_source=grammar if lazy else None)
         if params.top_k > 0:
             add(chain, lib.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
@@ -404,7 +429,7 @@ class LlamaContext:
         add(chain, lib.llama_sampler_init_temp(params.temperature))
         seed = params.seed if params.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
         add(chain, lib.llama_sampler_init_dist(seed))
-        return chain if g is None else ConstrainedSampler(self, chain, g)
+        return chain if g is None else ConstrainedSampler(self, chain, g, lazy_source=grammar if lazy else None)
 
     def free_sampler(self, sampler: Any) -> None:
         """Free a sampler built by make_sampler."""
@@ -450,6 +475,9 @@ class LlamaContext:
 
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+# tokens refused one by one for completing a lazy grammar's trigger with text its grammar refuses,
+# before the next token is taken from the trigger's own spelling instead
+MAX_TRIGGER_REFUSALS = 32
 
 
 class ConstrainedSampler:
@@ -460,12 +488,33 @@ class ConstrainedSampler:
     that one token is checked, and only when it is refused is the grammar applied to every
     candidate and the chain run again. The output is the same as grammar-first sampling.
     `argmax`: the chain is greedy alone, so its first pick is the logits' argmax (see Greedy).
-    Inference thread only.
+
+    `lazy_source`: the GBNF text of a lazy grammar (tool_choice auto), which constrains nothing
+    until the generated text contains TRIGGER_PATTERN. llama.cpp then feeds the grammar the text
+    from the trigger on, including whatever the triggering token carries past it, and throws a
+    C++ exception (which aborts the process) when the grammar refuses that text: `<tool_call`
+    followed by the token `>``, say. Such a token is refused here before it is accepted, checked
+    against a throwaway copy of the grammar. Inference thread only.
     """
 
-    __slots__ = ("_argmax", "_arr", "_cur", "_ids", "_lib", "_llama", "_one", "_one_cur", "_vocab_n", "chain", "grammar")
+    __slots__ = (
+        "_argmax",
+        "_arr",
+        "_cur",
+        "_ids",
+        "_lazy_source",
+        "_lib",
+        "_llama",
+        "_one",
+        "_one_cur",
+        "_tail",
+        "_trigger",
+        "_vocab_n",
+        "chain",
+        "grammar",
+    )
 
-    def __init__(self, llama: LlamaContext, chain: Any, grammar: Any, *, argmax: bool = False) -> None:
+    def __init__(self, llama: LlamaContext, chain: Any, grammar: Any, *, argmax: bool = False, lazy_source: str | None = None) -> None:
         lib = llama.lib
         n_vocab = llama.n_vocab
         self._argmax = argmax
@@ -480,6 +529,10 @@ class ConstrainedSampler:
         data_p = ctypes.POINTER(lib.llama_token_data)
         self._cur = lib.llama_token_data_array(self._arr.ctypes.data_as(data_p), n_vocab, -1, False)
         self._one_cur = lib.llama_token_data_array(self._one.ctypes.data_as(data_p), 1, -1, False)
+        # while a lazy grammar waits: its trigger, and the generated bytes that could start it
+        self._trigger = TRIGGER_PATTERN.encode("utf-8") if lazy_source is not None else None
+        self._lazy_source = lazy_source
+        self._tail = b""
 
     def _fill(self, i: int) -> None:
         self._arr["id"] = self._ids
@@ -495,6 +548,17 @@ class ConstrainedSampler:
             raise InferenceError("the sampler selected no token")
         return int(cur.data[cur.selected].id)
 
+    def _allowed(self, grammar: Any, token: int) -> bool:
+        """Whether `grammar` accepts `token` next (its state is not changed)."""
+        one = self._one
+        one["id"][0] = token
+        one["logit"][0] = 1.0
+        self._one_cur.size = 1
+        self._one_cur.selected = -1
+        self._one_cur.sorted = False
+        self._lib.llama_sampler_apply(grammar, ctypes.byref(self._one_cur))
+        return bool(np.isfinite(one["logit"][0]))
+
     def sample(self, i: int) -> int:
         lib = self._lib
         if self._argmax:
@@ -503,20 +567,83 @@ class ConstrainedSampler:
             self._fill(i)
             lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
             token = self._selected()
-        one = self._one
-        one["id"][0] = token
-        one["logit"][0] = 1.0
-        self._one_cur.size = 1
-        self._one_cur.selected = -1
-        self._one_cur.sorted = False
-        lib.llama_sampler_apply(self.grammar, ctypes.byref(self._one_cur))
-        if not np.isfinite(one["logit"][0]):  # refused: constrain every candidate, then sample again
+        if self._trigger is not None:  # the lazy grammar constrains nothing yet
+            token = self._safe_for_trigger(i, token)
+        elif not self._allowed(self.grammar, token):  # refused: constrain every candidate, then sample again
             self._fill(i)
             lib.llama_sampler_apply(self.grammar, ctypes.byref(self._cur))
             lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
             token = self._selected()
         lib.llama_sampler_accept(self.grammar, token)
         lib.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _safe_for_trigger(self, i: int, token: int) -> int:
+        """Return `token`, or the chain's next choice when `token` would trigger the grammar with text it refuses."""
+        trigger = self._trigger
+        assert trigger is not None
+        refused: list[int] = []
+        while True:
+            text = self._tail + self._llama.grammar_piece(token)
+            at = text.find(trigger)
+            if at < 0:
+                self._tail = text[-(len(trigger) - 1) :]
+                return token
+            if self._call_may_start(text[at:]):
+                self._trigger = None  # from now on the grammar constrains every token
+                return token
+            refused.append(token)
+            if len(refused) >= MAX_TRIGGER_REFUSALS:
+                return self._spell_trigger()
+            if self._argmax:
+                row = self._llama.logits(i).copy()
+                row[refused] = -np.inf
+                token = int(row.argmax())
+            else:
+                self._fill(i)
+                self._arr["logit"][refused] = -np.inf
+                self._lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
+                token = self._selected()
+
+    def _call_may_start(self, text: bytes) -> bool:
+        """Whether the lazy grammar accepts `text` (its trigger and what follows) as the start of a call.
+
+        A fresh copy of the grammar is fed `text` one byte at a time, each byte checked before it
+        is accepted: byte by byte, a refusal is an answer and never an exception.
+        """
+        if text == self._trigger:
+            return True
+        spell = self._llama.byte_tokens()
+        if any(b not in spell for b in text):
+            return False
+        lib = self._lib
+        probe = lib.llama_sampler_init_grammar(self._llama.vocab, (self._lazy_source or "").encode("utf-8"), b"root")
+        if not probe:
+            return False
+        try:
+            for b in text:
+                if not self._allowed(probe, spell[b]):
+                    return False
+                lib.llama_sampler_accept(probe, spell[b])
+            return True
+        finally:
+            lib.llama_sampler_free(probe)
+
+    def _spell_trigger(self) -> int:
+        """The one-byte token for the next byte of the trigger: it never carries text past it.
+
+        A vocabulary with no such token gets its end-of-sequence token: the reply ends, unharmed.
+        """
+        trigger = self._trigger
+        assert trigger is not None
+        tail = self._tail
+        have = next(n for n in range(min(len(tail), len(trigger) - 1), -1, -1) if tail.endswith(trigger[:n]))
+        token = self._llama.byte_tokens().get(trigger[have])
+        if token is None:
+            return int(self._lib.llama_vocab_eos(self._llama.vocab))
+        if have == len(trigger) - 1:
+            self._trigger = None
+        self._tail = (tail + trigger[have : have + 1])[-(len(trigger) - 1) :]
         return token
 
     def free(self) -> None:

@@ -3,19 +3,25 @@
 The real default model, decoded step by step: at every step the in-place argmax (`GREEDY`, and a
 grammar-checked sampler taking the argmax first) and llama.cpp's greedy sampler chain are asked
 for the next token of the same logits, and must agree.
+
+A lazy tool-call grammar (tool_choice auto) is driven into the token that once aborted the daemon
+in a client replay: `<tool_call` written, then `>`` as the most likely next token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from mongarsd.errors import InferenceError
 from mongarsd.inference.context import GREEDY, ConstrainedSampler, LlamaContext
+from mongarsd.inference.grammar import schema_to_gbnf
 from mongarsd.inference.sampling import JSON_GBNF, GenerationParams
 from mongarsd.inference.settings import EngineSettings
+from mongarsd.inference.tools import CALL_CLOSE, CALL_OPEN, ToolSet, ToolSpec, constraint_for, split_reply, wrap_call_grammar
 from tests.conftest import DEFAULT_LLM, requires_models
 
 pytestmark = requires_models(DEFAULT_LLM)
@@ -119,3 +125,90 @@ def test_logits_of_an_output_that_does_not_exist_is_an_error(llama: LlamaContext
     assert row.shape == (llama.n_vocab,) and row.dtype.name == "float32"
     with pytest.raises(InferenceError, match="no logits for output 5"):
         llama.logits(5)  # one output in the last batch
+
+
+LIGHTS = ToolSet(tools=(ToolSpec("HassTurnOn", parameters={"type": "object", "properties": {"name": {"type": "string"}}}),))
+
+
+def lazy_calls(llama: LlamaContext, params: GenerationParams) -> ConstrainedSampler:
+    constraint = constraint_for(LIGHTS)
+    assert constraint is not None and constraint.lazy
+    grammar = wrap_call_grammar(schema_to_gbnf(constraint.schema, param="tools"), constraint.max_calls)
+    sampler = llama.make_sampler(replace(params, tools=constraint), grammar)
+    assert isinstance(sampler, ConstrainedSampler)
+    return sampler
+
+
+def force(llama: LlamaContext, *tokens: int) -> None:
+    """Make `tokens` the most likely next tokens of the last decode, in that order (llama.cpp's own logits)."""
+    row = llama.logits(-1)
+    top = float(row.max())
+    for rank, token in enumerate(tokens):
+        row[token] = top + 50.0 - 10.0 * rank
+
+
+def one_token(llama: LlamaContext, text: str) -> int:
+    tokens = llama.tokenize(text, add_special=False)
+    assert len(tokens) == 1, (text, tokens)
+    return tokens[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [GenerationParams(temperature=0), GenerationParams(temperature=0, repeat_penalty=1.1), GenerationParams(temperature=0.7, seed=7)],
+    ids=["argmax", "chain", "sampled"],
+)
+def test_a_token_opening_a_call_with_text_the_grammar_refuses_is_never_accepted(llama: LlamaContext, params: GenerationParams) -> None:
+    *opening, bad = llama.tokenize(CALL_OPEN + "`", add_special=False)
+    assert llama.piece(bad) == b">`"  # the token of the aborted replay: the tag's end and a backtick
+    sampler = lazy_calls(llama, params)
+    try:
+        pos = start(llama, "<|im_start|>user\nTurn on the kitchen light.<|im_end|>\n<|im_start|>assistant\n")
+        tokens: list[int] = []
+        for tok in opening:  # `<tool_call`, one forced token at a time: free text for the grammar so far
+            force(llama, tok)
+            assert sampler.sample(-1) == tok
+            tokens.append(tok)
+            pos = decode(llama, [tok], pos)
+        force(llama, bad, one_token(llama, ">"))  # `>`` first, the tag's plain end second
+        chosen = sampler.sample(-1)  # before the fix: llama.cpp threw, and the process aborted
+        assert chosen != bad and llama.piece(chosen) == b">"  # the chain's next choice
+        tokens.append(chosen)
+        for _ in range(STEPS):  # the call goes on under the grammar
+            if llama.is_eog(tokens[-1]) or CALL_CLOSE in llama.detokenize(tokens):
+                break
+            pos = decode(llama, [tokens[-1]], pos)
+            tokens.append(sampler.sample(-1))
+        text = llama.detokenize([t for t in tokens if not llama.is_eog(t)])
+        assert text.startswith(CALL_OPEN) and text[len(CALL_OPEN)] in "\n{"
+        assert CALL_CLOSE in text or not params.greedy  # a sampled call may still be writing its arguments
+        if CALL_CLOSE in text:
+            _, calls, dropped = split_reply(text, LIGHTS)
+            assert [c.name for c in calls] == ["HassTurnOn"] and dropped == 0
+    finally:
+        llama.free_sampler(sampler)
+
+
+def test_the_text_a_call_may_start_with_is_checked_against_the_grammar_itself(llama: LlamaContext) -> None:
+    sampler = lazy_calls(llama, GenerationParams(temperature=0))
+    try:
+        for text in [CALL_OPEN, CALL_OPEN + "\n", CALL_OPEN + "\n{", CALL_OPEN + '{"name": "HassTurnOn"', CALL_OPEN + '\n{ "na']:
+            assert sampler._call_may_start(text.encode()), text
+        for text in [CALL_OPEN + "`", CALL_OPEN + ">", CALL_OPEN + '\n{"name": "Other"', CALL_OPEN + "\n\n\n", CALL_OPEN + "\0"]:
+            assert not sampler._call_may_start(text.encode()), text
+        assert not sampler._call_may_start(CALL_OPEN.encode() + "é".encode()[:1])  # the first byte of a character JSON refuses here
+    finally:
+        llama.free_sampler(sampler)
+
+
+def test_when_every_likely_token_is_refused_the_trigger_is_spelled_byte_by_byte(llama: LlamaContext) -> None:
+    sampler = lazy_calls(llama, GenerationParams(temperature=0))
+    try:
+        sampler._tail = b"say <tool_c"
+        tok = sampler._spell_trigger()
+        assert llama.piece(tok) == b"a" and sampler._trigger is not None
+        sampler._tail = b"<tool_call"
+        tok = sampler._spell_trigger()
+        assert llama.piece(tok) == b">" and sampler._trigger is None  # the grammar now constrains every token
+    finally:
+        llama.free_sampler(sampler)
