@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from mongarsd.errors import InferenceError
+from mongarsd.errors import InferenceError, ValidationError
 from mongarsd.inference.context import LlamaContext
 from mongarsd.inference.events import FINISH_LENGTH, FINISH_STOP, EngineStats, Timings, TokenEvent
 from mongarsd.inference.prompt_cache import PromptCache, SavedPrompt
@@ -526,7 +526,11 @@ class Batcher:
             if not req.generating:
                 req.generating = True
                 req.t_first = now
-            tok = sample(req.sampler, i)
+            try:
+                tok = sample(req.sampler, i)
+            except ValidationError as err:  # its grammar has no way on: that request ends, not the engine
+                self._sample_refused(slot, req, err, out)
+                continue
             if is_eog(tok):
                 self._finish(slot, req=req, reason=FINISH_STOP, text="", now=now, out=out)
                 continue
@@ -605,6 +609,15 @@ class Batcher:
         self._finished_requests += 1
         self._finished_seconds += now - req.t_submit
         return prompt_s * 1000.0, predicted_s * 1000.0
+
+    def _sample_refused(self, slot: Slot, req: Request, err: ValidationError, out: Outbox) -> None:
+        """End a request whose sampler found no token it may take; its text so far goes first (thread only)."""
+        log.info("generation_refused", model=self.model_id, param=err.param, tokens=req.n_decoded, reason=str(err))
+        self._account(req, time.perf_counter())
+        self._release(slot, req)
+        self._urgent = True
+        if not req.cancelled:
+            out.append((req, err))
 
     def _decode_failed(self, rc: int, active: list[Slot], out: Outbox) -> None:
         """Fail every request of the batch and drop their KV (thread only)."""

@@ -391,6 +391,7 @@ class LlamaContext:
         add = lib.llama_sampler_chain_add
         g = None
         lazy = grammar is not None and params.tools is not None and params.tools.lazy
+        param = grammar_param(params)
         if grammar is not None and lazy:
             # tool_choice auto: free text until the model opens a call, then the call's grammar
             patterns = (ctypes.c_char_p * 1)(TRIGGER_PATTERN.encode("utf-8"))
@@ -419,7 +420,9 @@ class LlamaContext:
             add(chain, lib.llama_sampler_init_greedy())
             if g is None:
                 return chain
-            return ConstrainedSampler(self, chain, g, argmax=not params.penalties_enabled, lazy_source=grammar if lazy else None)
+            return ConstrainedSampler(
+                self, chain, g, argmax=not params.penalties_enabled, lazy_source=grammar if lazy else None, param=param
+            )
         if params.top_k > 0:
             add(chain, lib.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
@@ -429,7 +432,7 @@ class LlamaContext:
         add(chain, lib.llama_sampler_init_temp(params.temperature))
         seed = params.seed if params.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
         add(chain, lib.llama_sampler_init_dist(seed))
-        return chain if g is None else ConstrainedSampler(self, chain, g, lazy_source=grammar if lazy else None)
+        return chain if g is None else ConstrainedSampler(self, chain, g, lazy_source=grammar if lazy else None, param=param)
 
     def free_sampler(self, sampler: Any) -> None:
         """Free a sampler built by make_sampler."""
@@ -474,6 +477,17 @@ class LlamaContext:
         return eog
 
 
+def grammar_param(params: GenerationParams) -> str:
+    """The request field a generation's grammar comes from, for errors about it."""
+    if params.grammar is not None:
+        return "grammar"
+    if params.json_schema is not None:
+        return params.schema_param
+    if params.tools is not None:
+        return "tools"
+    return "response_format"
+
+
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 # tokens refused one by one for completing a lazy grammar's trigger with text its grammar refuses,
 # before the next token is taken from the trigger's own spelling instead
@@ -507,6 +521,7 @@ class ConstrainedSampler:
         "_llama",
         "_one",
         "_one_cur",
+        "_param",
         "_tail",
         "_trigger",
         "_vocab_n",
@@ -514,7 +529,16 @@ class ConstrainedSampler:
         "grammar",
     )
 
-    def __init__(self, llama: LlamaContext, chain: Any, grammar: Any, *, argmax: bool = False, lazy_source: str | None = None) -> None:
+    def __init__(
+        self,
+        llama: LlamaContext,
+        chain: Any,
+        grammar: Any,
+        *,
+        argmax: bool = False,
+        lazy_source: str | None = None,
+        param: str = "grammar",
+    ) -> None:
         lib = llama.lib
         n_vocab = llama.n_vocab
         self._argmax = argmax
@@ -533,6 +557,7 @@ class ConstrainedSampler:
         self._trigger = TRIGGER_PATTERN.encode("utf-8") if lazy_source is not None else None
         self._lazy_source = lazy_source
         self._tail = b""
+        self._param = param  # the request field the grammar came from, for errors
 
     def _fill(self, i: int) -> None:
         self._arr["id"] = self._ids
@@ -572,6 +597,13 @@ class ConstrainedSampler:
         elif not self._allowed(self.grammar, token):  # refused: constrain every candidate, then sample again
             self._fill(i)
             lib.llama_sampler_apply(self.grammar, ctypes.byref(self._cur))
+            if not np.isfinite(self._arr["logit"]).any():
+                # accepting any token now would abort the process inside llama.cpp
+                raise ValidationError(
+                    "'" + self._param + "' allows no next token, nor an end, after the text generated so far",
+                    param=self._param,
+                    status=422,
+                )
             lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
             token = self._selected()
         lib.llama_sampler_accept(self.grammar, token)

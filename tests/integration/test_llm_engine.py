@@ -9,6 +9,7 @@ import json
 import mmap
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
@@ -466,6 +467,25 @@ async def test_multibyte_characters_are_never_split(engine: LlamaEngine) -> None
     assert events[-1].finish_reason == "stop"
     assert "".join(ev.text for ev in events) == "🐱 café 🐶"
     assert all("\ufffd" not in ev.text for ev in events)
+
+
+@pytest.mark.parametrize("params", [GenerationParams(temperature=0), GenerationParams(temperature=0.7, seed=3)], ids=["greedy", "sampled"])
+async def test_a_grammar_with_no_way_on_ends_its_request_with_an_error_not_the_engine(
+    engine: LlamaEngine, params: GenerationParams
+) -> None:
+    # after "ok", the class matches no character and the rule is not done: nothing may come
+    # next, not even the end; accepting any token there aborted the process inside llama.cpp
+    dead_end = replace(params, max_tokens=20, grammar='root ::= "ok" [^\\x00-\\U0010FFFF]')
+    tokens = engine.tokenize("Say ok.", add_special=True)
+    events: list[TokenEvent] = []
+    with pytest.raises(ValidationError) as info:
+        async for ev in engine.async_generate(tokens, dead_end):
+            events.append(ev)
+    assert info.value.param == "grammar" and info.value.status == 422
+    assert "allows no next token" in str(info.value)
+    assert "".join(ev.text for ev in events) == "ok"  # the text generated before goes out first
+    after = [ev async for ev in engine.async_generate(tokens, GenerationParams(max_tokens=4, temperature=0))]
+    assert after[-1].finish_reason is not None and engine.stats().slots_busy == 0
 
 
 async def test_stream_interval_hands_tokens_over_together_without_losing_any(engine: LlamaEngine) -> None:
