@@ -403,7 +403,8 @@ class LlamaContext:
             g = lib.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
             if not g:
                 lib.llama_sampler_free(chain)
-                raise ValidationError("grammar could not be parsed", param="grammar")
+                what = "grammar" if param == "grammar" else "'" + param + "' compiles to a grammar that"
+                raise ValidationError(what + " could not be parsed", param=param)
         if params.penalties_enabled:
             last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_ctx_slot
             add(

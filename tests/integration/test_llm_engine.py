@@ -203,6 +203,9 @@ async def test_context_overflow_and_validation(engine: LlamaEngine) -> None:
     with pytest.raises(ValidationError) as vinfo:
         await anext(engine.async_generate([1], GenerationParams(grammar="root ::= ((")))
     assert vinfo.value.param == "grammar"
+    with pytest.raises(ValidationError) as vinfo:  # a schema with no value at all: named as the client sent it
+        await anext(engine.async_generate([1], GenerationParams(json_schema={"enum": []}, schema_param="format")))
+    assert vinfo.value.param == "format" and str(vinfo.value).startswith("'format' compiles to a grammar")
 
 
 async def test_json_schema_output_parses(engine: LlamaEngine) -> None:
