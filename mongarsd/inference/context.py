@@ -392,15 +392,12 @@ class LlamaContext:
         g = None
         lazy = grammar is not None and params.tools is not None and params.tools.lazy
         param = grammar_param(params)
-        if grammar is not None and lazy:
-            # tool_choice auto: free text until the model opens a call, then the call's grammar
-            patterns = (ctypes.c_char_p * 1)(TRIGGER_PATTERN.encode("utf-8"))
-            g = lib.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0)
-            if not g:
-                lib.llama_sampler_free(chain)
-                raise ValidationError("the tools' grammar could not be parsed", param="tools")
-        elif grammar is not None:
-            g = lib.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if grammar is not None:
+            if lazy:  # tool_choice auto: free text until the model opens a call, then the call's grammar
+                patterns = (ctypes.c_char_p * 1)(TRIGGER_PATTERN.encode("utf-8"))
+                g = lib.llama_sampler_init_grammar_lazy_patterns(self.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0)
+            else:
+                g = lib.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
             if not g:
                 lib.llama_sampler_free(chain)
                 what = "grammar" if param == "grammar" else "'" + param + "' compiles to a grammar that"
@@ -574,6 +571,20 @@ class ConstrainedSampler:
             raise InferenceError("the sampler selected no token")
         return int(cur.data[cur.selected].id)
 
+    def _pick(self, i: int, refused: list[int] | None = None) -> int:
+        """The chain's choice for output `i`, the `refused` tokens left out (grammar not applied)."""
+        if self._argmax:
+            row = self._llama.logits(i)
+            if refused:
+                row = row.copy()
+                row[refused] = -np.inf
+            return int(row.argmax())
+        self._fill(i)
+        if refused:
+            self._arr["logit"][refused] = -np.inf
+        self._lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
+        return self._selected()
+
     def _allowed(self, grammar: Any, token: int) -> bool:
         """Whether `grammar` accepts `token` next (its state is not changed)."""
         one = self._one
@@ -587,12 +598,7 @@ class ConstrainedSampler:
 
     def sample(self, i: int) -> int:
         lib = self._lib
-        if self._argmax:
-            token = int(self._llama.logits(i).argmax())
-        else:
-            self._fill(i)
-            lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
-            token = self._selected()
+        token = self._pick(i)
         if self._trigger is not None:  # the lazy grammar constrains nothing yet
             token = self._safe_for_trigger(i, token)
         elif not self._allowed(self.grammar, token):  # refused: constrain every candidate, then sample again
@@ -628,15 +634,7 @@ class ConstrainedSampler:
             refused.append(token)
             if len(refused) >= MAX_TRIGGER_REFUSALS:
                 return self._spell_trigger()
-            if self._argmax:
-                row = self._llama.logits(i).copy()
-                row[refused] = -np.inf
-                token = int(row.argmax())
-            else:
-                self._fill(i)
-                self._arr["logit"][refused] = -np.inf
-                self._lib.llama_sampler_apply(self.chain, ctypes.byref(self._cur))
-                token = self._selected()
+            token = self._pick(i, refused)
 
     def _call_may_start(self, text: bytes) -> bool:
         """Whether the lazy grammar accepts `text` (its trigger and what follows) as the start of a call.
