@@ -398,7 +398,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
                 results[pid] = skipped_entry(pid, f"the daemon has no OpenAI API yet (GET /v1/models answered {status})")
             return
         dside = Side("mongarsd", daemon.url, settings.model_id)
-        if {"P3", "P4"} & set(wanted):
+        if {"P1", "P3", "P4"} & set(wanted):  # P1's vs_llama_server as well
             log("  starting llama-server -np 4 ...")
             try:
                 server = start_llama_server(settings, workdir)
@@ -430,7 +430,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
             log("  P13 decoding under a JSON-schema grammar ...")
             _guard(results, ("P13",), lambda: _p13(ctx), log)
         if server is not None:
-            for pid in ("P3", "P4"):
+            for pid in ("P1", "P3", "P4"):
                 if pid in results and "details" in results[pid]:
                     results[pid]["details"]["llama_server_command"] = server.extra.get("command")
     finally:

@@ -79,8 +79,11 @@ class InferenceConfig:
     queue_depth: int = 16
     kv_cache_type: str = "f16"
     flash_attn: bool = False
-    use_mmap: bool = True
-    use_mlock: bool = False
+    # False: the weights are read into the daemon's own memory, on transparent huge pages where
+    # the kernel has them (inference/hugepages.py; +5 % decode here); True: memory-mapped from
+    # the page cache, shared with other processes and reclaimable under memory pressure.
+    use_mmap: bool = False
+    use_mlock: bool = False  # keep the weights in RAM (needs RLIMIT_MEMLOCK / CAP_IPC_LOCK)
     gpu_layers: int = 0
     keep_alive_s: float = 300.0
     memory_budget_mb: int = 0

@@ -29,6 +29,7 @@ from mongarsd.errors import InferenceError, ModelError, ValidationError
 from mongarsd.heap import trim_heap
 from mongarsd.inference.chat_template import ChatTemplate
 from mongarsd.inference.gguf import GGUFInfo, read_gguf
+from mongarsd.inference.hugepages import WeightsAdvisor, anon_huge_bytes
 from mongarsd.inference.kv_cache import kv_cache_types, kv_layout
 from mongarsd.inference.sampling import GenerationParams
 from mongarsd.inference.settings import EngineSettings
@@ -44,6 +45,25 @@ MAX_LOGIT_VIEWS = 64  # rows of logits with a cached view (llama.cpp's outputs o
 # the inference thread then waits for (see Greedy).
 _LOGITS_ITH = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
 _IS_EOG = ctypes.PYFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int32)
+
+
+def _set_field(struct: Any, name: str, value: Any) -> None:
+    """Set a field of a llama.cpp parameter struct, refusing a name the struct does not have.
+
+    A ctypes Structure takes any attribute: a field renamed upstream (llama.cpp replaced
+    `use_mmap` and `use_mlock` with `load_mode`) would otherwise be set on the Python object
+    and silently never reach llama.cpp.
+    """
+    if name not in {f[0] for f in type(struct)._fields_}:
+        raise InferenceError("this llama.cpp build has no parameter '" + name + "'")
+    setattr(struct, name, value)
+
+
+def load_mode(lib: Any, *, use_mmap: bool, use_mlock: bool) -> int:
+    """llama.cpp's load mode for `inference.use_mmap` and `inference.use_mlock`."""
+    if use_mmap:
+        return int(lib.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else lib.LLAMA_LOAD_MODE_MMAP)
+    return int(lib.LLAMA_LOAD_MODE_MLOCK if use_mlock else lib.LLAMA_LOAD_MODE_NONE)
 
 
 def _fast(proto: Any, fn: Any) -> Any:
@@ -128,6 +148,8 @@ class LlamaContext:
         self._is_eog: Any = None
         self._row: Any = None  # ctypes type of one row of logits
         self._views: dict[int, np.ndarray] = {}  # address -> view of one row of logits
+        self.weights = ""  # "mmap" (the page cache's pages) or "memory" (read into the daemon's own)
+        self.weights_huge_mb = 0.0  # of them on transparent huge pages (see hugepages.py)
 
     @property
     def loaded(self) -> bool:
@@ -155,13 +177,29 @@ class LlamaContext:
 
         s = self.settings
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = s.gpu_layers
-        mparams.use_mmap = s.use_mmap
-        mparams.use_mlock = s.use_mlock
+        _set_field(mparams, "n_gpu_layers", s.gpu_layers)
+        _set_field(mparams, "load_mode", load_mode(lib, use_mmap=s.use_mmap, use_mlock=s.use_mlock))
+        advisor = None if s.use_mmap else WeightsAdvisor(min_bytes=self.model_path.stat().st_size // 2)
+        callback = None
+        if advisor is not None and advisor.enabled:
+
+            def _loading(progress: float, user_data: Any) -> bool:
+                try:
+                    advisor.advise()  # the first call: the weight buffer exists, nothing read into it yet
+                except Exception:  # a C callback must not raise; the load goes on without the advice
+                    log.exception("huge_pages_failed")
+                return True
+
+            callback = lib.llama_progress_callback(_loading)
+            _set_field(mparams, "progress_callback", callback)
+        huge_before = anon_huge_bytes()
         model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        del callback  # llama.cpp keeps no reference to it after the load
         if not model:
             raise ModelError("llama.cpp could not load model " + str(self.model_path))
         self.model = model
+        self.weights = "mmap" if s.use_mmap else "memory"
+        self.weights_huge_mb = round(max(anon_huge_bytes() - huge_before, 0) / 2**20, 1)
         try:
             self._init_context(lib, model)
         except BaseException:
@@ -181,20 +219,20 @@ class LlamaContext:
         cparams = lib.llama_context_default_params()
         layout = kv_layout(n_ctx=self.n_ctx_req, slots=s.slots, kv_pool=s.kv_pool, flash_attn=s.flash_attn, n_ctx_train=n_ctx_train)
         self.unified = layout.unified
-        cparams.n_ctx = layout.cells
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_ubatch
-        cparams.n_seq_max = s.slots
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads_batch
-        cparams.kv_unified = layout.unified  # see the module docstring
-        cparams.no_perf = True
-        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        _set_field(cparams, "n_ctx", layout.cells)
+        _set_field(cparams, "n_batch", self.n_batch)
+        _set_field(cparams, "n_ubatch", self.n_ubatch)
+        _set_field(cparams, "n_seq_max", s.slots)
+        _set_field(cparams, "n_threads", self.threads)
+        _set_field(cparams, "n_threads_batch", self.threads_batch)
+        _set_field(cparams, "kv_unified", layout.unified)  # see the module docstring
+        _set_field(cparams, "no_perf", True)
+        _set_field(cparams, "flash_attn_type", lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         type_k, type_v = kv_cache_types(s.kv_cache_type, flash_attn=s.flash_attn)
         if type_v is not type_k:
             log.warning("kv_cache_v_unquantized", kv_cache_type=s.kv_cache_type)
-        cparams.type_k = type_k.ggml_type
-        cparams.type_v = type_v.ggml_type
+        _set_field(cparams, "type_k", type_k.ggml_type)
+        _set_field(cparams, "type_v", type_v.ggml_type)
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             raise ModelError("llama.cpp could not create a context for " + str(self.model_path))
@@ -386,7 +424,7 @@ class LlamaContext:
             return GREEDY
         lib = self.lib
         chain_params = lib.llama_sampler_chain_default_params()
-        chain_params.no_perf = True
+        _set_field(chain_params, "no_perf", True)
         chain = lib.llama_sampler_chain_init(chain_params)
         add = lib.llama_sampler_chain_add
         g = None

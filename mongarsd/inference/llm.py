@@ -100,6 +100,8 @@ class LlamaEngine:
             slots=self.slots,
             threads=self._llama.threads,
             threads_batch=self._llama.threads_batch,
+            weights=self._llama.weights,
+            weights_huge_pages_mb=self._llama.weights_huge_mb,
         )
 
     async def async_stop(self) -> None:

@@ -22,7 +22,7 @@ class EngineSettings:
     queue_depth: int = 16  # requests waiting for a slot before new ones are refused
     kv_cache_type: str = "f16"  # a key of KV_CACHE_TYPES
     flash_attn: bool = False
-    use_mmap: bool = True
+    use_mmap: bool = False
     use_mlock: bool = False
     gpu_layers: int = 0
     warmup: bool = True  # one decode at start so the first request does not pay for lazy init

@@ -104,7 +104,7 @@ def engine_settings(settings: Mapping[str, Any]) -> Any:
             **values,
             kv_cache_type=kv,
             flash_attn=_bool(settings, "flash_attn", False),
-            use_mmap=_bool(settings, "use_mmap", True),
+            use_mmap=_bool(settings, "use_mmap", False),
             use_mlock=_bool(settings, "use_mlock", False),
             warmup=False,
         )
