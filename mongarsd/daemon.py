@@ -30,7 +30,7 @@ from mongarsd.memory.tokens import TokenStore
 from mongarsd.metrics import Metrics
 from mongarsd.principal import is_loopback_host
 from mongarsd.runmarker import RunMarker
-from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor
+from mongarsd.supervisor import Service, ServiceStack, StartError, TaskSupervisor, Together
 from mongarsd.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
-    def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service], AppContext]:
+    def build_services(self, metrics: Metrics, stack: ServiceStack, tasks: TaskSupervisor) -> tuple[list[Service | Together], AppContext]:
         """Wire every service with the collaborators it uses, in start order; build the handlers' context once."""
         from mongarsd.api import curiosity, evolution, ingest, native, ollama, openai, peers, self_training, social, sommeil, speech
 
@@ -346,12 +346,14 @@ class Daemon:
             ],
         )
         self.http = HttpService(app=app, host=cfg.server.host, port=cfg.server.port, drain_timeout_s=cfg.server.drain_timeout_s)
-        services: list[Service] = [
+        services: list[Service | Together] = [
             db,
             BindGuard(host=cfg.server.host, tokens=tokens, state_dir=cfg.server.state_dir),
-            *(svc for svc in (core.energy,) if svc is not None),
-            core.embedder,
             *(svc for svc in (evolution_engine,) if svc is not None),  # before inference: the preload uses adopted settings
+            # The energy source's first reading waits 0.2 s between two samples, in a thread: the
+            # embedding model loads meanwhile. The LLM's load is not overlapped with it: both hold
+            # the GIL for much of their load and, measured, together took longer than in turn.
+            Together(*(svc for svc in (core.energy, core.embedder) if svc is not None)),
             core.manager,
             core.hippocampus,
             *(svc for svc in (core.self_training, core.fetcher, core.ingestor, core.cortex) if svc is not None),

@@ -33,6 +33,24 @@ class StartError(MongarsError):
     """A service failed to start; the ones started before it were stopped again."""
 
 
+class Together:
+    """Services with no start-order dependency on each other, started concurrently by ServiceStack.
+
+    For the blocking loads of startup (the embedding model, the LLM, the energy source's first
+    reading) that run in threads: on a board with two or more cores they overlap.
+    """
+
+    __slots__ = ("services",)
+
+    def __init__(self, *services: Service) -> None:
+        self.services: tuple[Service, ...] = services
+
+
+def members(stages: Sequence[Service | Together]) -> list[Service]:
+    """The services of a start sequence in start order, groups flattened (pure)."""
+    return [svc for stage in stages for svc in (stage.services if isinstance(stage, Together) else (stage,))]
+
+
 class ServiceStack:
     """Start services in order, stop them in reverse; every stage time-bounded."""
 
@@ -45,27 +63,44 @@ class ServiceStack:
     def started(self) -> list[str]:
         return [s.name for s in self._started]
 
-    async def async_start(self, services: Sequence[Service], notify: Callable[[str], object] | None = None) -> None:
-        for svc in services:
-            self.state[svc.name] = "starting"
-            if notify:
-                notify(f"starting {svc.name}")
-            t0 = time.monotonic()
-            try:
-                await asyncio.wait_for(svc.async_start(), timeout=svc.start_timeout_s)
-            except (Exception, asyncio.CancelledError) as err:
-                self.state[svc.name] = "failed"
-                why = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
-                log.error("service_start_failed", service=svc.name, error=why)
-                await self.async_stop()  # unwind exactly like a stop
-                if isinstance(err, asyncio.CancelledError):
-                    raise
-                raise StartError(f"service {svc.name} failed to start: {why}") from err
-            self._started.append(svc)
-            self.state[svc.name] = "started"
-            if self._on_change:
-                self._on_change(svc.name, True)
-            log.info("service_started", service=svc.name, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
+    async def async_start(self, services: Sequence[Service | Together], notify: Callable[[str], object] | None = None) -> None:
+        """Start each stage in order: a service, or a `Together` group whose members start concurrently.
+
+        A failed stage stops everything started so far (the group's members that did start
+        included) and raises StartError naming the first service that failed.
+        """
+        for stage in services:
+            group = stage.services if isinstance(stage, Together) else (stage,)
+            for svc in group:
+                self.state[svc.name] = "starting"
+                if notify:
+                    notify(f"starting {svc.name}")
+            outcomes = await asyncio.gather(*(self._async_start_one(svc) for svc in group), return_exceptions=True)
+            failed = [(svc, err) for svc, err in zip(group, outcomes, strict=True) if err is not None]
+            if not failed:
+                continue
+            await self.async_stop()  # unwind exactly like a stop
+            svc, err = failed[0]
+            if isinstance(err, asyncio.CancelledError):
+                raise err
+            why = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+            raise StartError(f"service {svc.name} failed to start: {why}") from err
+
+    async def _async_start_one(self, svc: Service) -> None:
+        """Start one service within its timeout and record it; a failure is logged and raised."""
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(svc.async_start(), timeout=svc.start_timeout_s)
+        except (Exception, asyncio.CancelledError) as err:
+            self.state[svc.name] = "failed"
+            why = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+            log.error("service_start_failed", service=svc.name, error=why)
+            raise
+        self._started.append(svc)
+        self.state[svc.name] = "started"
+        if self._on_change:
+            self._on_change(svc.name, True)
+        log.info("service_started", service=svc.name, elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
 
     async def async_stop_through(self, svc: Service) -> list[str]:
         """Stop, in reverse, the services started after `svc`, then `svc` itself (the edge, then the API)."""

@@ -11,7 +11,7 @@ from mongarsd.board import detect_board
 from mongarsd.config import load_config
 from mongarsd.daemon import Daemon, HttpService, MdnsService
 from mongarsd.metrics import Metrics
-from mongarsd.supervisor import ServiceStack, TaskSupervisor
+from mongarsd.supervisor import ServiceStack, TaskSupervisor, members
 
 
 def build(tmp_path: Path) -> tuple[list[str], object, Daemon]:
@@ -19,7 +19,7 @@ def build(tmp_path: Path) -> tuple[list[str], object, Daemon]:
     loaded = load_config(profile="generic", config_path=tmp_path / "none.toml", cli={"server": {"state_dir": tmp_path}})
     daemon = Daemon(loaded=loaded, board=detect_board())
     services, ctx = daemon.build_services(Metrics(), ServiceStack(), TaskSupervisor())
-    return [s.name for s in services], ctx, daemon
+    return [s.name for s in members(services)], ctx, daemon
 
 
 def test_start_order_puts_the_store_first_and_mdns_after_the_api(tmp_path: Path) -> None:
@@ -27,6 +27,8 @@ def test_start_order_puts_the_store_first_and_mdns_after_the_api(tmp_path: Path)
     assert names[0] == "store"
     assert names.index("inference") < names.index("pipeline") < names.index("mesh") < names.index("api")
     assert names[-1] == "mdns"  # advertised only once the API answers; stopped (reverse order) before it drains
+    # the preload reads the settings Evolution adopted: it starts before the group that loads the LLM
+    assert names.index("evolution") < min(names.index("energy"), names.index("embed"), names.index("inference"))
     assert isinstance(daemon.http, HttpService)
 
 

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from mongarsd import supervisor as sup
 from mongarsd.errors import MongarsError
-from mongarsd.supervisor import ServiceStack, StartError, TaskSupervisor
+from mongarsd.supervisor import ServiceStack, StartError, TaskSupervisor, Together, members
 
 
 class Svc:
@@ -52,6 +52,50 @@ async def test_failed_start_unwinds_what_started() -> None:
         await stack.async_start([Svc("a", log), Svc("b", log, fail_start=True), Svc("c", log)])
     assert log == ["start a", "start b", "stop a"]
     assert stack.state == {"a": "stopped", "b": "failed"}
+
+
+class Slow(Svc):
+    """Starts in `delay` seconds (a blocking load in a thread, as the model loaders do)."""
+
+    def __init__(self, name: str, log: list[str], delay: float, **kw: bool) -> None:
+        super().__init__(name, log, **kw)
+        self.delay = delay
+
+    async def async_start(self) -> None:
+        self.log.append(f"begin {self.name}")
+        await asyncio.to_thread(time.sleep, self.delay)
+        await super().async_start()
+
+
+async def test_together_starts_a_group_concurrently_and_stops_it_in_reverse() -> None:
+    log: list[str] = []
+    stack = ServiceStack()
+    t0 = time.monotonic()
+    await stack.async_start([Svc("a", log), Together(Slow("b", log, 0.3), Slow("c", log, 0.3)), Svc("d", log)])
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.55, f"the group took {elapsed:.2f} s: its members did not overlap"
+    assert log[:3] == ["start a", "begin b", "begin c"]  # both began before either finished
+    assert log[-1] == "start d"  # the next stage waits for the whole group
+    started = stack.started
+    assert started[0] == "a" and sorted(started[1:3]) == ["b", "c"] and started[3] == "d"
+    await stack.async_stop()
+    assert log[-4:] == [f"stop {name}" for name in reversed(started)]  # the reverse of the order they finished starting
+
+
+async def test_a_failure_in_a_group_unwinds_its_started_members_and_names_the_service() -> None:
+    log: list[str] = []
+    stack = ServiceStack()
+    with pytest.raises(StartError, match="service c failed to start: RuntimeError: boom"):
+        await stack.async_start([Svc("a", log), Together(Slow("b", log, 0.1), Svc("c", log, fail_start=True)), Svc("d", log)])
+    assert "start d" not in log
+    assert log[-2:] == ["stop b", "stop a"]  # b finished starting after c failed: it is stopped too
+    assert stack.state == {"a": "stopped", "b": "stopped", "c": "failed"}
+
+
+def test_members_flattens_groups_in_start_order() -> None:
+    log: list[str] = []
+    a, b, c, d = (Svc(n, log) for n in "abcd")
+    assert [s.name for s in members([a, Together(b, c), d])] == ["a", "b", "c", "d"]
 
 
 async def test_stop_collects_errors_and_timeouts_and_goes_on() -> None:
