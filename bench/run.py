@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import compileall
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -127,22 +126,14 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def compile_bytecode() -> int:
-    """Write mongarsd's bytecode caches, as an installed package has them; return how many were (re)written.
+def compile_bytecode() -> bool:
+    """Write mongarsd's bytecode caches, as an installed package has them (compileall skips fresh ones).
 
     Every start of a daemon the bench times would otherwise compile the package's sources
     anew where the environment sets PYTHONDONTWRITEBYTECODE (0.5 s of P9 on a 2-core host):
     the .deb and the single executable ship bytecode, and `make run` and `make test` write it.
     """
-    package = REPO / "mongarsd"
-    stale = [
-        src
-        for src in package.rglob("*.py")
-        if not (cached := Path(importlib.util.cache_from_source(str(src)))).exists() or cached.stat().st_mtime < src.stat().st_mtime
-    ]
-    if stale:
-        compileall.compile_dir(str(package), quiet=1)
-    return len(stale)
+    return bool(compileall.compile_dir(str(REPO / "mongarsd"), quiet=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     now = datetime.now(UTC)
     log(f"bench: {machine}; profile {settings.profile}; llama threads {settings.threads}; embed threads {settings.embed_threads}")
-    compiled = compile_bytecode()
-    if compiled:
-        log(f"bytecode: compiled {compiled} of mongarsd's modules (an installed daemon starts from bytecode)")
+    if not compile_bytecode():
+        log("warning: mongarsd's bytecode caches could not all be written: its daemons compile sources at start")
     busy = busy_processes()
     if busy:
         log("warning: other processes are using the CPU; llama.cpp with all cores busy slows down many times over: " + "; ".join(busy))

@@ -83,8 +83,7 @@ class ServiceStack:
             svc, err = failed[0]
             if isinstance(err, asyncio.CancelledError):
                 raise err
-            why = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
-            raise StartError(f"service {svc.name} failed to start: {why}") from err
+            raise StartError(f"service {svc.name} failed to start: {_why(err)}") from err
 
     async def _async_start_one(self, svc: Service) -> None:
         """Start one service within its timeout and record it; a failure is logged and raised."""
@@ -93,8 +92,7 @@ class ServiceStack:
             await asyncio.wait_for(svc.async_start(), timeout=svc.start_timeout_s)
         except (Exception, asyncio.CancelledError) as err:
             self.state[svc.name] = "failed"
-            why = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
-            log.error("service_start_failed", service=svc.name, error=why)
+            log.error("service_start_failed", service=svc.name, error=_why(err))
             raise
         self._started.append(svc)
         self.state[svc.name] = "started"
@@ -131,6 +129,11 @@ class ServiceStack:
         if self._on_change:
             self._on_change(svc.name, False)
         return errors
+
+
+def _why(err: BaseException) -> str:
+    """How a service's start failed, for the log and the StartError (pure)."""
+    return "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
 
 
 def _running_tasks() -> list[str]:
