@@ -193,7 +193,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, log: Callable[[str]
         results["P6"] = skipped_entry("P6", f"missing in {model_dir}: {', '.join(missing)} (make install)")
         return
     try:
-        from mongarsd.inference.embed import Embedder  # noqa: F401  (present?)
+        from mongarsd.inference.embed import DISABLED_OPTIMIZERS
     except ImportError as err:
         results["P6"] = skipped_entry("P6", f"mongarsd.inference.embed is not importable: {err}")
         return
@@ -216,6 +216,8 @@ def run(results: dict[str, Any], *, settings: BenchSettings, log: Callable[[str]
         "cpu_int8_flags": cpu_int8_flags(),
         "gemm_int8_speedup": gemm_int8_speedup(threads),
         "threads": threads,
+        # the Embedder's only graph-level difference from a bare session (ONNX Runtime's defaults)
+        "embedder_disabled_optimizers": list(DISABLED_OPTIMIZERS),
         "int8_embedder": spread(rates["int8"]["embedder"]),
         "int8_bare": spread(rates["int8"]["bare"]),
         "fp32_embedder": spread(rates["fp32"]["embedder"]),

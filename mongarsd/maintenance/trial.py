@@ -181,7 +181,7 @@ def run_embed(model_dir: Path, settings: Mapping[str, Any], *, repeats: int, var
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from mongarsd.inference.embed import VARIANT_FILES
+    from mongarsd.inference.embed import DISABLED_OPTIMIZERS, VARIANT_FILES
 
     unknown = set(settings) - EMBED_KEYS
     if unknown:
@@ -205,7 +205,12 @@ def run_embed(model_dir: Path, settings: Mapping[str, Any], *, repeats: int, var
     opts.log_severity_level = 3
     t0 = time.perf_counter()
     try:
-        session = ort.InferenceSession(str(model_dir / VARIANT_FILES[variant]), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(model_dir / VARIANT_FILES[variant]),
+            sess_options=opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(DISABLED_OPTIMIZERS),  # what the daemon's Embedder runs
+        )
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     except Exception as err:  # onnxruntime and tokenizers raise plain Exception subclasses
         raise TrialError(f"cannot load the embedding model: {err}") from err

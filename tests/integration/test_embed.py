@@ -162,6 +162,30 @@ def test_int8_model_stores_the_word_table_in_int8(model_dir: Path) -> None:
     assert oc.model_convert_version({p.key: p.value for p in model.metadata_props}) == oc.CONVERT_VERSION
 
 
+def test_int8_model_quantises_every_linear_and_keeps_the_outlier_channels_in_fp32(model_dir: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.int8.onnx"))
+    quantised = {n.name.removesuffix(".matmul_quant") for n in model.graph.node if n.op_type == "MatMulInteger"}
+    linears = {
+        f"encoder.layer.{i}.{name}"
+        for i in range(6)
+        for name in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    }
+    assert quantised == linears  # layer 0's down-projection included: its outlier channel has its own path
+    side = {n.name for n in model.graph.node if oc.OUTLIER_PATH in n.name}
+    assert side, "the calibration found no outlier channel: MiniLM has five"
+    assert {n.op_type for n in model.graph.node if n.name in side} == {"MatMul"}  # fp32
+    assert sum(n.op_type == "FastGelu" for n in model.graph.node) == 6
+
+
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 async def test_embedder_matches_reference_and_ranks(model_dir: Path, reference: np.ndarray[Any, Any], variant: str) -> None:
     emb = Embedder(model_dir=model_dir, variant=variant, batch_size=3)

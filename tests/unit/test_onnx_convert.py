@@ -182,3 +182,60 @@ def test_model_records_the_converter_version() -> None:
     meta = _session(model).get_modelmeta().custom_metadata_map
     assert oc.model_convert_version(meta) == oc.CONVERT_VERSION
     assert oc.model_convert_version({}) is None  # a file from an older recipe, or not ours
+
+
+def _feeds() -> dict[str, Any]:
+    ids = np.array([[1, 7, 9, 3, 2], [1, 4, 2, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def test_outlier_channels_on_a_side_path_compute_the_same_function() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg, seed=3)
+    split = {0: [5, 63], 1: [0]}
+    model = oc.build_onnx_model(w, cfg, outlier_channels=split)
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    # the main path lost exactly those channels; the side path has them
+    assert inits["encoder.layer.0.intermediate.dense.weight_t"].shape == (32, 62)
+    assert inits["encoder.layer.0.output.dense.weight_t"].shape == (62, 32)
+    assert inits["encoder.layer.1.output.dense.weight_t"].shape == (63, 32)
+    np.testing.assert_array_equal(inits["encoder.layer.0.outlier.down_weight"], w["encoder.layer.0.output.dense.weight"][:, [5, 63]].T)
+    side = sorted(n.name for n in model.graph.node if oc.OUTLIER_PATH in n.name and n.op_type == "MatMul")
+    assert side == [f"encoder.layer.{i}.{oc.OUTLIER_PATH}.{s}" for i in (0, 1) for s in ("down", "up")]
+    feeds = _feeds()
+    hidden, sent = _session(model).run(None, feeds)
+    ref_hidden, ref_sent = oc.reference_forward(w, cfg, feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
+    np.testing.assert_allclose(hidden, ref_hidden, atol=2e-4)
+    np.testing.assert_allclose(sent, ref_sent, atol=2e-5)
+
+
+def test_fast_gelu_stays_within_its_approximation() -> None:
+    cfg = oc.BertConfig.from_dict(TINY)
+    w = _random_weights(cfg, seed=4)
+    model = oc.build_onnx_model(w, cfg, fast_gelu=True, outlier_channels={1: [3]})
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("FastGelu") == cfg.num_layers
+    assert "Erf" in ops  # the fp32 outlier path keeps the exact GELU
+    typed = {v.name for v in model.graph.value_info}
+    assert all(n.output[0] in typed for n in model.graph.node if n.op_type == "FastGelu")  # for the quantiser
+    feeds = _feeds()
+    _, sent = _session(model).run(None, feeds)
+    _, ref_sent = oc.reference_forward(w, cfg, feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
+    assert float((sent * ref_sent).sum(axis=1).min()) > 0.9999
+    assert not np.allclose(sent, ref_sent, atol=1e-7)  # really the approximation, not the erf form
+
+
+def test_outlier_ffn_channels_picks_channels_far_above_the_layer_median() -> None:
+    base = np.ones(100, dtype=np.float32)
+    layer0 = base.copy()
+    layer0[[7, 42]] = [25.0, 11.0]
+    layer1 = base.copy()
+    layer1[3] = 9.9  # under the factor: quantised with the rest
+    calib = {"encoder.layer.0.output.dense": layer0, "encoder.layer.1.output.dense": layer1}
+    assert oc.outlier_ffn_channels(calib, num_layers=3) == {0: [7, 42]}
+    assert oc.outlier_ffn_channels(calib, num_layers=3, factor=5.0) == {0: [7, 42], 1: [3]}
+    assert oc.outlier_ffn_channels({}, num_layers=2) == {}
