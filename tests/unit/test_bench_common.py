@@ -44,7 +44,9 @@ REQUIRED_KEYS = {"value", "reference", "ratio", "target", "unit", "machine"}
 def test_every_design_target_has_a_spec() -> None:
     assert tuple(f"P{i}" for i in range(1, 18)) == TARGET_IDS  # DESIGN §9: P1-P16, and P17 (the mind's work beside chats)
     assert set(TARGETS) == set(TARGET_IDS)
-    assert target_text("P1") == "ratio >= 0.95; vs_llama_server >= 1; defaults_ratio >= 0.95; defaults_vs_llama_server >= 1"
+    assert target_text("P1") == (
+        "ratio >= 0.95; vs_llama_server >= 1; four_slots_vs_llama_server >= 1; defaults_ratio >= 0.95; defaults_vs_llama_server >= 1"
+    )
     assert target_text("P4") == "ratio >= 0.95; defaults_ratio >= 0.95"
     assert target_text("P13") == "ratio >= 0.8"
     assert target_text("P3") == "delta_ms <= 10"
@@ -131,7 +133,15 @@ def test_finalize_shape_for_every_id(tmp_path: Path) -> None:
 def test_format_table_lists_every_id_and_status() -> None:
     out = finalize(
         {
-            "P1": make_entry("P1", value=90.0, reference=87.0, vs_llama_server=1.05, defaults_ratio=0.97, defaults_vs_llama_server=1.02),
+            "P1": make_entry(
+                "P1",
+                value=90.0,
+                reference=87.0,
+                vs_llama_server=1.05,
+                four_slots_vs_llama_server=1.03,
+                defaults_ratio=0.97,
+                defaults_vs_llama_server=1.02,
+            ),
             "P6": make_entry("P6", value=100.0, reference=110.0, int8_speedup=1.2),
         },
         machine="m",
@@ -141,7 +151,8 @@ def test_format_table_lists_every_id_and_status() -> None:
     lines = table.splitlines()
     assert len(lines) == 2 + len(TARGET_IDS)
     assert any(
-        line.startswith("P1 ") and line.endswith("met (vs_llama_server=1.05, defaults_ratio=0.97, defaults_vs_llama_server=1.02)")
+        line.startswith("P1 ")
+        and line.endswith("met (vs_llama_server=1.05, four_slots_vs_llama_server=1.03, defaults_ratio=0.97, defaults_vs_llama_server=1.02)")
         for line in lines
     )
     assert any(line.startswith("P6 ") and "MISSED" in line and "int8_speedup=1.2" in line for line in lines)
