@@ -441,7 +441,7 @@ def run(results: dict[str, Any], *, settings: BenchSettings, workdir: Path, only
         daemon.stop()
     if "P1" in wanted and not results.get("P1", {}).get("skipped"):
         log("  P1 single-stream decode, one slot ...")
-        _guard(results, ("P1",), lambda: _p1_matched(results, settings, workdir), log)
+        _guard(results, ("P1",), lambda: _p1_one_slot(results, settings, workdir), log)
     with_defaults = tuple(p for p in ("P1", "P4") if p in wanted and p in results and not results[p].get("skipped"))
     if with_defaults:
         log(f"  {'/'.join(with_defaults)} with each side's defaults ...")
@@ -518,40 +518,32 @@ def _p1(c: LlmRun) -> None:
     }
 
 
-def _p1_matched(results: dict[str, Any], settings: BenchSettings, workdir: Path) -> None:
-    try:
-        _p1_one_slot(results, settings, workdir)
-    except BaseException:
-        results.pop("P1", None)  # the 4-slot half alone is no P1 entry: _guard marks it skipped
-        raise
-
-
 def _p1_one_slot(results: dict[str, Any], settings: BenchSettings, workdir: Path) -> None:
     """P1 with settings matched to llama-bench tg128: one sequence, threads, batch, no flash attention.
 
     The daemon runs one slot of CTX_PER_STREAM cells, llama-server `-np 1 -c CTX_PER_STREAM`,
     both with the batch sizes and flash-attention setting of the matched llama-bench runs.
     """
+    four = results.pop("P1", {}).get("four_slots")  # no P1 entry on its own: a failure here marks P1 skipped
     overrides = {**daemon_overrides(settings), "MONGARSD_INFERENCE__SLOTS": "1"}
     daemon = start_daemon(workdir, settings, name="one-slot", overrides=overrides)
-    server: Proc | None = None
     try:
         server = start_llama_server(settings, workdir, slots=1)
-        dside = Side("mongarsd", daemon.url, settings.model_id)
-        sside = Side("llama-server", server.url, "ref")
-        _warm(dside, sside)
-        got = decode_pairs(settings, dside, sside, first_count=13)
-    finally:
-        if server is not None:
+        try:
+            dside = Side("mongarsd", daemon.url, settings.model_id)
+            sside = Side("llama-server", server.url, "ref")
+            _warm(dside, sside)
+            got = decode_pairs(settings, dside, sside, first_count=13)
+        finally:
             server.stop()
+    finally:
         daemon.stop()
-    four = results.get("P1", {}).get("four_slots")
     details = {
         "model": settings.model_path.name,
         "threads": settings.threads,
         "method": "stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token), daemon with 1 slot and llama-server -np 1 (matched to llama-bench's one sequence); each rep one llama-bench tg128 run, then the daemon and llama-server in alternating order; ratios are medians of the per-rep ratios",
         **got.summary(),
-        "llama_server_command": server.extra.get("command") if server else None,
+        "llama_server_command": server.extra.get("command"),
         **({"four_slots": four} if four else {}),
     }
     results["P1"] = make_entry(

@@ -293,7 +293,7 @@ def build_onnx_model(
             x = g.op("Mul", [x, g.const(name + ".smooth_inv", (1.0 / s).astype(np.float32))], hint + "_sm")
             weight_t = weight_t * s[:, None]
         # Stable node name so the quantiser can be told to skip a given layer.
-        mm = g.op("MatMul", [x, g.const(name + ".weight_t", np.ascontiguousarray(weight_t))], hint + "_mm", out=name + ".matmul")
+        mm = g.op("MatMul", [x, g.const(name + ".weight_t", weight_t)], hint + "_mm", out=name + ".matmul")
         return g.op("Add", [mm, g.const(name + ".bias", bias)], hint)
 
     def gelu(t: str, hint: str, *, fast: bool = False, width: int = 0) -> str:
@@ -316,9 +316,9 @@ def build_onnx_model(
         w1 = _need(w, p + "intermediate.dense.weight", (c.intermediate_size, c.hidden_size))[cols].T
         b1 = _need(w, p + "intermediate.dense.bias", (c.intermediate_size,))[cols]
         w2 = _need(w, p + "output.dense.weight", (c.hidden_size, c.intermediate_size))[:, cols].T
-        up = g.op("MatMul", [x, g.const(p + "outlier.up_weight", np.ascontiguousarray(w1))], hint, out=p + OUTLIER_PATH + ".up")
+        up = g.op("MatMul", [x, g.const(p + "outlier.up_weight", w1)], hint, out=p + OUTLIER_PATH + ".up")
         act = gelu(g.op("Add", [up, g.const(p + "outlier.up_bias", b1)], hint + "_b"), hint)
-        return g.op("MatMul", [act, g.const(p + "outlier.down_weight", np.ascontiguousarray(w2))], hint, out=p + OUTLIER_PATH + ".down")
+        return g.op("MatMul", [act, g.const(p + "outlier.down_weight", w2)], hint, out=p + OUTLIER_PATH + ".down")
 
     def layer_norm(x: str, name: str) -> str:
         gamma = _need(w, name + ".weight", (c.hidden_size,))
