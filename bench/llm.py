@@ -58,6 +58,12 @@ PP_TOKENS: Final = 512
 CONVERSATION_TOKENS: Final = 900  # + chat-template tokens ~ 940, under one 1024-token slot
 STREAMS: Final = 4
 CTX_PER_STREAM: Final = 1024
+# P1's matched context: llama-bench tg128 decodes in a context of 128 cells, which llama.cpp pads
+# to 256. Without flash attention V is stored transposed, and a 256-cell attention window over a
+# longer cache is a strided view: llama.cpp's own decode loop ran 6-10 % slower in a 1024-cell
+# context than in a 256-cell one (same process, same weights, interleaved); with flash attention
+# the context size made no difference. The count prompt (27-38 tokens) + 128 fit in 256.
+P1_CTX: Final = 256
 N_BATCH: Final = 512
 LLAMA_BENCH_TIMEOUT_S: Final = 120.0
 LAG_METRIC: Final = "mongarsd_event_loop_lag_seconds"
@@ -245,14 +251,14 @@ def parse_llama_bench(stdout: str) -> dict[str, Any]:
     return out
 
 
-def start_llama_server(settings: BenchSettings, workdir: Path, *, slots: int = STREAMS) -> Proc:
-    """Start llama-server with `slots` slots and the same ctx per slot, threads and batch (blocking)."""
+def start_llama_server(settings: BenchSettings, workdir: Path, *, slots: int = STREAMS, ctx_per_slot: int = CTX_PER_STREAM) -> Proc:
+    """Start llama-server with `slots` slots of `ctx_per_slot` cells and the daemon's threads and batch (blocking)."""
     exe = native_tool("llama-server")
     port = free_port()
     t = str(settings.threads)
     cmd = [
         str(exe), "-m", str(settings.model_path), "--host", LOOPBACK, "--port", str(port),
-        "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * CTX_PER_STREAM),
+        "-t", t, "-tb", t, "-np", str(slots), "-c", str(slots * ctx_per_slot),
         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "off", "--no-webui",
     ]  # fmt: skip
     proc = spawn(cmd, log_path=workdir / f"llama-server-{port}.log", port=port)
@@ -519,16 +525,16 @@ def _p1(c: LlmRun) -> None:
 
 
 def _p1_one_slot(results: dict[str, Any], settings: BenchSettings, workdir: Path) -> None:
-    """P1 with settings matched to llama-bench tg128: one sequence, threads, batch, no flash attention.
+    """P1 with settings matched to llama-bench tg128: one sequence, its context, threads, batch, no flash attention.
 
-    The daemon runs one slot of CTX_PER_STREAM cells, llama-server `-np 1 -c CTX_PER_STREAM`,
-    both with the batch sizes and flash-attention setting of the matched llama-bench runs.
+    The daemon runs one slot of P1_CTX cells, llama-server `-np 1 -c P1_CTX`, both with the
+    batch sizes and flash-attention setting of the matched llama-bench runs.
     """
     four = results.pop("P1", {}).get("four_slots")  # no P1 entry on its own: a failure here marks P1 skipped
-    overrides = {**daemon_overrides(settings), "MONGARSD_INFERENCE__SLOTS": "1"}
+    overrides = {**daemon_overrides(settings), "MONGARSD_INFERENCE__SLOTS": "1", "MONGARSD_INFERENCE__N_CTX": str(P1_CTX)}
     daemon = start_daemon(workdir, settings, name="one-slot", overrides=overrides)
     try:
-        server = start_llama_server(settings, workdir, slots=1)
+        server = start_llama_server(settings, workdir, slots=1, ctx_per_slot=P1_CTX)
         try:
             dside = Side("mongarsd", daemon.url, settings.model_id)
             sside = Side("llama-server", server.url, "ref")
@@ -541,7 +547,8 @@ def _p1_one_slot(results: dict[str, Any], settings: BenchSettings, workdir: Path
     details = {
         "model": settings.model_path.name,
         "threads": settings.threads,
-        "method": "stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token), daemon with 1 slot and llama-server -np 1 (matched to llama-bench's one sequence); each rep one llama-bench tg128 run, then the daemon and llama-server in alternating order; ratios are medians of the per-rep ratios",
+        "context_cells": P1_CTX,
+        "method": f"stream /v1/completions, (completion_tokens-1)/(t_last_token - t_first_token), daemon with 1 slot of {P1_CTX} cells and llama-server -np 1 -c {P1_CTX} (matched to llama-bench's one sequence in a context of 128 cells, padded to 256 by llama.cpp); each rep one llama-bench tg128 run, then the daemon and llama-server in alternating order; ratios are medians of the per-rep ratios",
         **got.summary(),
         "llama_server_command": server.extra.get("command"),
         **({"four_slots": four} if four else {}),
