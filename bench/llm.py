@@ -52,7 +52,9 @@ DEFAULTS_REPS: Final = 6  # P4 with each side's defaults: what a user gets, drif
 P4_REPS: Final = 6  # P4 matched (and P12's lag samples)
 P1_REPS: Final = 10  # P1, matched and with defaults: a ±2 % question on a VM whose pairs scatter by ±5 %
 P2_REPS: Final = 10  # P2's pairs scattered from 0.86 to 1.21 in one run of 5 (llama-bench pp512 210-275 t/s)
-TTFT_REPS: Final = 10  # P3 is cheap and noisy: more samples; even, so each side goes first as often
+# P3 is cheap and noisy: in one run on a slow host (TTFT ~145 ms) the per-rep differences
+# scattered from -31 to +68 ms and the median of 10 read +10.6 ms. Even, so each side goes first as often.
+TTFT_REPS: Final = 20
 DECODE_TOKENS: Final = 128
 PP_TOKENS: Final = 512
 CONVERSATION_TOKENS: Final = 900  # + chat-template tokens ~ 940, under one 1024-token slot
