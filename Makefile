@@ -7,6 +7,12 @@ MODELS ?= models
 STATE ?= .state
 # Build llama.cpp inside llama-cpp-python for this CPU (AVX2/AVX-512 on x86, NEON/dotprod on Arm).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+# x86: never AMX. The vendored llama.cpp's AMX kernels crash with a general protection fault on
+# their first prompt batch on AMX CPUs (seen on a Sapphire Rapids-class VM: the tile configuration
+# can be optimised away and worker threads never ask for the tile-data permission). native/build.sh
+# leaves AMX out the same way, so llama.cpp's own tools and the daemon run the same kernels.
+LLAMA_CFLAGS ?= $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16,)
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' setup.py)
 STAMP := $(VENV)/.installed
 MODELS_STAMP := $(MODELS)/.installed
 
@@ -21,11 +27,14 @@ install: $(STAMP) $(MODELS_STAMP)
 # A developer's setup: the venv with llama.cpp built for this machine's CPU, and the default models.
 dev: install
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml scripts/llama-wheel.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip wheel setuptools
 	@echo "installing mongarsd and its dependencies (the first build of llama-cpp-python takes several minutes)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[test,dev,bench]'
+	@# llama-cpp-python from a wheel built for this CPU and these flags (scripts/llama-wheel.sh)
+	wheel="$$(CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CFLAGS="$(LLAMA_CFLAGS)" scripts/llama-wheel.sh $(PY) $(LLAMA_VERSION))" \
+		&& $(PY) -m pip install -q --force-reinstall --no-deps "$$wheel" && $(PY) -m pip install -q "$$wheel"
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	@touch $@
 
 $(MODELS_STAMP): $(STAMP) mongarsd/inference/defaults.py mongarsd/inference/onnx_convert.py

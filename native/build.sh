@@ -60,6 +60,12 @@ case "$BOARD" in
     generic) BOARD_FLAGS=(-DGGML_NATIVE=OFF) ;;
     *) die "unknown BOARD=$BOARD (x86 | arm64 | pi4 | pi5 | cuda | generic | auto)" ;;
 esac
+# A native x86 build leaves AMX out, as the daemon's own build does (the Makefile's LLAMA_CFLAGS):
+# this llama.cpp's AMX kernels crash on their first prompt batch on AMX CPUs.
+if [ "$BOARD" = x86 ] || { [ "$BOARD" = cuda ] && [ "$(uname -m)" = x86_64 ]; }; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    BOARD_FLAGS+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+fi
 
 FLAGS=(
     -DCMAKE_BUILD_TYPE=Release
