@@ -31,9 +31,10 @@ $(STAMP): setup.py pyproject.toml scripts/llama-wheel.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip wheel setuptools
 	@echo "installing mongarsd and its dependencies (the first build of llama-cpp-python takes several minutes)"
-	@# llama-cpp-python from a wheel built for this CPU and these flags (scripts/llama-wheel.sh)
+	@# llama-cpp-python from a wheel built for this CPU and these flags (scripts/llama-wheel.sh);
+	@# its dependencies come with the package's install below, which keeps this wheel
 	wheel="$$(CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" LLAMA_CFLAGS="$(LLAMA_CFLAGS)" scripts/llama-wheel.sh $(PY) $(LLAMA_VERSION))" \
-		&& $(PY) -m pip install -q --force-reinstall --no-deps "$$wheel" && $(PY) -m pip install -q "$$wheel"
+		&& $(PY) -m pip install -q --force-reinstall --no-deps "$$wheel"
 	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	@touch $@
 
