@@ -27,7 +27,7 @@ install: $(STAMP) $(MODELS_STAMP)
 # A developer's setup: the venv with llama.cpp built for this machine's CPU, and the default models.
 dev: install
 
-$(STAMP): setup.py pyproject.toml scripts/llama-wheel.sh
+$(STAMP): setup.py pyproject.toml scripts/llama-wheel.sh native/patches.sh $(wildcard native/patches/*/*.patch)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip wheel setuptools
 	@echo "installing mongarsd and its dependencies (the first build of llama-cpp-python takes several minutes)"

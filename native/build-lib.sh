@@ -78,7 +78,8 @@ FLAGS=(
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
     "${ISA[@]}"
 )
-INFO="llama-cpp-python=$VERSION arch=$ARCH variant=$VARIANT cc=$CC-$CC_VERSION recipe=$RECIPE flags=${FLAGS[*]}"
+PATCHES="$("$HERE/patches.sh" key "$VERSION")"  # mongarsd's patches to it (native/patches/)
+INFO="llama-cpp-python=$VERSION patches=$PATCHES arch=$ARCH variant=$VARIANT cc=$CC-$CC_VERSION recipe=$RECIPE flags=${FLAGS[*]}"
 KEY="$(printf '%s' "$INFO" | sha256sum | cut -c1-16)"
 CACHED="$CACHE/native-libs/$ARCH-$VARIANT-$KEY"
 OUT="$HERE/libs/$ARCH/$VARIANT"
@@ -120,6 +121,26 @@ started=$SECONDS
 cmake --build "$BUILD" --config Release -j"$JOBS" --target llama 2>&1 \
     | awk '/^\[ *[0-9]+%\]/ { n++; if (n % 10 == 1) { print "native:   " $0; fflush() } next } /error|Error/ { print; fflush() }'
 [ -f "$BUILD/bin/libllama.so" ] || die "the build produced no libllama.so (see above)"
+
+# The patched flash-attention kernel against a double-precision reference, where this CPU can
+# run the variant (checks/fa_decode.cpp; native/README.md)
+runs_here() {
+    [ "$ARCH" = "$(uname -m | sed 's/aarch64/arm64/')" ] || return 1
+    case "$VARIANT" in
+        x86-64-v4) grep -qw avx512bw /proc/cpuinfo ;;
+        x86-64-v3) grep -qw avx2 /proc/cpuinfo ;;
+        *dotprod*) grep -qw asimddp /proc/cpuinfo ;;
+        *) return 0 ;;
+    esac
+}
+if runs_here; then
+    "${CC_PREFIX}g++" -O2 -std=c++17 -I"$LLAMA/ggml/include" "$HERE/checks/fa_decode.cpp" \
+        -L"$BUILD/bin" -Wl,-rpath,"$BUILD/bin" -lggml -lggml-cpu -lggml-base -lm -o "$BUILD/fa_decode" \
+        || die "cannot build native/checks/fa_decode.cpp"
+    "$BUILD/fa_decode" >"$BUILD/fa_decode.log" 2>&1 \
+        || { cat "$BUILD/fa_decode.log"; die "flash-attention decode check failed for $ARCH/$VARIANT (log: $BUILD/fa_decode.log)"; }
+    echo "native: $ARCH/$VARIANT: $(tail -1 "$BUILD/fa_decode.log")"
+fi
 
 STAGE="$CACHED.tmp.$$"
 rm -rf "$STAGE"

@@ -80,7 +80,8 @@ FLAGS=(
 # shellcheck disable=SC2206
 [ -n "${CMAKE_EXTRA:-}" ] && FLAGS+=($CMAKE_EXTRA)
 
-STAMP="llama-cpp-python $VERSION board=$BOARD flags=${FLAGS[*]}"
+PATCHES="$("$HERE/patches.sh" key "$VERSION")"  # mongarsd's patches to it (native/patches/)
+STAMP="llama-cpp-python $VERSION patches=$PATCHES board=$BOARD flags=${FLAGS[*]}"
 BIN="$HERE/bin"
 if [ "${FORCE:-0}" != 1 ] && [ -f "$BIN/VERSION" ] && [ "$(cat "$BIN/VERSION")" = "$STAMP" ]; then
     missing=0
@@ -115,5 +116,17 @@ for t in llama-bench llama-server llama-batched-bench; do
     install -m 0755 "$BUILD/bin/$t" "$BIN/$t"
 done
 install -m 0755 "$BUILD/bin/$RPC_TARGET" "$BIN/rpc-server"
+# The patched flash-attention kernel against a double-precision reference (CPU builds; the
+# CUDA build's static ggml would need the CUDA libraries linked in too).
+if [ "$BOARD" != cuda ]; then
+    echo "native: checking flash-attention decoding (native/checks/fa_decode.cpp)"
+    "${CXX:-c++}" -O2 -std=c++17 -I"$LLAMA/ggml/include" "$HERE/checks/fa_decode.cpp" \
+        "$BUILD/ggml/src/libggml.a" "$BUILD/ggml/src/libggml-cpu.a" "$BUILD/ggml/src/libggml-base.a" \
+        -fopenmp -lpthread -lm -o "$BUILD/fa_decode" \
+        || die "cannot build native/checks/fa_decode.cpp"
+    "$BUILD/fa_decode" >"$BUILD/fa_decode.log" 2>&1 \
+        || { cat "$BUILD/fa_decode.log"; die "flash-attention decode check failed (log: $BUILD/fa_decode.log)"; }
+    tail -1 "$BUILD/fa_decode.log"
+fi
 echo "$STAMP" >"$BIN/VERSION"
 echo "native: installed ${TARGETS[*]} into $BIN ($STAMP)"

@@ -3,14 +3,20 @@
 #
 # Usage:  scripts/llama-wheel.sh PYTHON VERSION
 # Env:    CMAKE_ARGS (llama.cpp's CMake flags), LLAMA_CFLAGS (extra C/C++ compiler flags),
-#         MONGARSD_BUILD_CACHE (default ~/.cache/mongarsd-build).
+#         MONGARSD_BUILD_CACHE (default ~/.cache/mongarsd-build),
+#         MONGARSD_LLAMA_PATCHES (default native/patches: see native/patches.sh).
+#
+# The wheel is built from the version's sdist with mongarsd's patches to the llama.cpp it
+# vendors applied (native/patches/llama-cpp-python-<version>/), the same patches llama.cpp's own
+# tools and the portable libraries are built with.
 #
 # Why not pip's own wheel cache: pip keys a wheel it built from an sdist by the sdist alone,
 # not by CMAKE_ARGS or the CPU. A -march=native build cached on one machine is then installed
 # on another one (a home directory or cache shared between hosts), where it may use
 # instructions that CPU lacks or cannot run; a changed CMAKE_ARGS is silently ignored too.
-# Here the key is the version, the Python, the flags and the CPU's feature list.
+# Here the key is the version, the patches, the Python, the flags and the CPU's feature list.
 set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 PY="${1:?usage: llama-wheel.sh PYTHON VERSION}"
 VERSION="${2:?usage: llama-wheel.sh PYTHON VERSION}"
@@ -24,7 +30,8 @@ cpu_features() {
 }
 
 PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" || die "cannot run $PY"
-KEY="$(printf '%s\n' "$VERSION" "$PYVER" "$(uname -m)" "${CMAKE_ARGS:-}" "${LLAMA_CFLAGS:-}" "$(cpu_features)" \
+PATCHES="$("$REPO/native/patches.sh" key "$VERSION")" || die "cannot read the patches for $VERSION"
+KEY="$(printf '%s\n' "$VERSION" "$PATCHES" "$PYVER" "$(uname -m)" "${CMAKE_ARGS:-}" "${LLAMA_CFLAGS:-}" "$(cpu_features)" \
     | sha256sum | cut -c1-16)"
 DIR="$CACHE/$KEY"
 
@@ -35,9 +42,16 @@ if [ -z "$wheel" ]; then
     rm -rf "$tmp"
     mkdir -p "$tmp"
     trap 'rm -rf "$tmp"' EXIT
+    command -v patch >/dev/null 2>&1 || die "patch is missing (Debian: apt-get install patch)"
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: -d "$tmp/src" "llama-cpp-python==$VERSION" >&2 \
+        || die "cannot download the llama-cpp-python $VERSION sdist"
+    sdist="$tmp/src/llama_cpp_python-$VERSION.tar.gz"
+    [ -f "$sdist" ] || die "pip downloaded no llama_cpp_python-$VERSION.tar.gz"
+    tar -xzf "$sdist" -C "$tmp/src"
+    "$REPO/native/patches.sh" apply "$VERSION" "$tmp/src/llama_cpp_python-$VERSION"
     CFLAGS="${CFLAGS:-} ${LLAMA_CFLAGS:-}" CXXFLAGS="${CXXFLAGS:-} ${LLAMA_CFLAGS:-}" CMAKE_ARGS="${CMAKE_ARGS:-}" \
-        "$PY" -m pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
-        --wheel-dir "$tmp" "llama-cpp-python==$VERSION" >&2 \
+        "$PY" -m pip wheel --quiet --no-deps --no-cache-dir \
+        --wheel-dir "$tmp" "$tmp/src/llama_cpp_python-$VERSION" >&2 \
         || die "building llama-cpp-python $VERSION failed"
     built="$(find "$tmp" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -1)"
     [ -n "$built" ] || die "pip built no llama-cpp-python wheel"
