@@ -82,6 +82,7 @@ native-libs: $(STAMP)
 	native/build-lib.sh $(ARCH) $(if $(filter arm64,$(ARCH)),armv8-a,x86-64-v2)
 	native/build-lib.sh $(ARCH) $(if $(filter arm64,$(ARCH)),armv8.2-a+dotprod,x86-64-v3)
 	$(if $(filter arm64,$(ARCH)),,native/build-lib.sh $(ARCH) x86-64-v4)
+	$(if $(filter arm64,$(ARCH)),,native/build-lib.sh $(ARCH) x86-64-v4-vnni)
 
 # One executable per architecture (dist/mongarsd-<version>-linux-<arch>) and its folder build
 # (build/dist/<arch>/mongarsd); ARCH=x86_64|arm64. Needs root (it builds in a chroot).

@@ -5,7 +5,8 @@
 # Usage: native/build-lib.sh ARCH VARIANT
 #   x86_64  x86-64-v2           SSE4.2/POPCNT: any x86-64 since Nehalem (old i7s)
 #   x86_64  x86-64-v3           AVX2/FMA/F16C/BMI2, no AVX-512: Haswell and later, Zen
-#   x86_64  x86-64-v4           + AVX-512 F/CD/BW/DQ/VL: Skylake-SP, Ice Lake, Zen 4
+#   x86_64  x86-64-v4           + AVX-512 F/CD/BW/DQ/VL: Skylake-SP and later, Zen 4
+#   x86_64  x86-64-v4-vnni      + AVX-512 VNNI: Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4
 #   arm64   armv8-a             Cortex-A72 (Pi 4), any 64-bit Arm: no dotprod
 #   arm64   armv8.2-a+dotprod   Cortex-A76 (Pi 5), Cortex-A78AE (Orin): dotprod + fp16
 # Env:   VENV (default <repo>/.venv), JOBS (default nproc),
@@ -46,11 +47,16 @@ case "$ARCH/$VARIANT" in
         ISA=("${X86_OFF[@]}" "${X86_V3[@]}"); CC_PREFIX="" ;;
     x86_64/x86-64-v4)
         ISA=("${X86_OFF[@]}" "${X86_V3[@]}" -DGGML_AVX512=ON); CC_PREFIX="" ;;
+    x86_64/x86-64-v4-vnni)
+        # Tuned for a current AVX-512 core: tuning picks among instructions the variant may
+        # use anyway, so it runs the same everywhere (native/README.md has the measurement).
+        ISA=("${X86_OFF[@]}" "${X86_V3[@]}" -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+             -DCMAKE_C_FLAGS=-mtune=sapphirerapids -DCMAKE_CXX_FLAGS=-mtune=sapphirerapids); CC_PREFIX="" ;;
     arm64/armv8-a)
         ISA=(-DGGML_CPU_ARM_ARCH=armv8-a); CC_PREFIX=aarch64-linux-gnu- ;;
     arm64/armv8.2-a+dotprod)
         ISA=(-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16); CC_PREFIX=aarch64-linux-gnu- ;;
-    *) die "unknown ARCH/VARIANT $ARCH/$VARIANT (x86_64: x86-64-v2 x86-64-v3 x86-64-v4; arm64: armv8-a armv8.2-a+dotprod)" ;;
+    *) die "unknown ARCH/VARIANT $ARCH/$VARIANT (x86_64: x86-64-v2 x86-64-v3 x86-64-v4 x86-64-v4-vnni; arm64: armv8-a armv8.2-a+dotprod)" ;;
 esac
 
 HOST_ARCH="$(uname -m)"
@@ -128,6 +134,7 @@ runs_here() {
     [ "$ARCH" = "$(uname -m | sed 's/aarch64/arm64/')" ] || return 1
     case "$VARIANT" in
         x86-64-v4) grep -qw avx512bw /proc/cpuinfo ;;
+        x86-64-v4-vnni) grep -qw avx512bw /proc/cpuinfo && grep -qw avx512_vnni /proc/cpuinfo ;;
         x86-64-v3) grep -qw avx2 /proc/cpuinfo ;;
         *dotprod*) grep -qw asimddp /proc/cpuinfo ;;
         *) return 0 ;;

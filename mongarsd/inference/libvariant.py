@@ -49,15 +49,19 @@ class Variant:
 
 
 _X86_64_V3: Final = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
+_X86_64_V4: Final = _X86_64_V3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
 # Fastest first within an architecture: `auto` takes the first one the CPU can run.
 VARIANTS: Final[tuple[Variant, ...]] = (
+    # VNNI's 8-bit dot product is what the quantized matrix-vector products of decoding run on
+    # (native/README.md gives the measurement).
     Variant(
-        "x86-64-v4",
+        "x86-64-v4-vnni",
         "x86_64",
-        _X86_64_V3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"},
-        "AVX-512 F/CD/BW/DQ/VL (Skylake-SP, Ice Lake, Zen 4 and later)",
+        _X86_64_V4 | {"avx512_vnni"},
+        "AVX-512 with VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4 and later)",
     ),
+    Variant("x86-64-v4", "x86_64", _X86_64_V4, "AVX-512 F/CD/BW/DQ/VL, no VNNI (Skylake-SP)"),
     Variant("x86-64-v3", "x86_64", _X86_64_V3, "AVX2 + FMA, no AVX-512 (Haswell, Zen and later)"),
     Variant("x86-64-v2", "x86_64", frozenset({"sse4_2", "ssse3", "popcnt"}), "SSE4.2 baseline (any x86-64 since Nehalem)"),
     Variant("armv8.2-a+dotprod", "arm64", frozenset({"asimddp", "fphp", "asimdhp"}), "dotprod + fp16 (Cortex-A76 / A78: Pi 5, Orin)"),

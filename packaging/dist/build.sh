@@ -28,7 +28,7 @@ die() { echo "dist: $*" >&2; exit 1; }
 [ $# = 1 ] || die "usage: packaging/dist/build.sh x86_64|arm64"
 ARCH="$1"
 case "$ARCH" in
-    x86_64|amd64) ARCH=x86_64; DEBARCH=amd64; MACHINE=x86_64; VARIANTS=(x86-64-v4 x86-64-v3 x86-64-v2) ;;
+    x86_64|amd64) ARCH=x86_64; DEBARCH=amd64; MACHINE=x86_64; VARIANTS=(x86-64-v4-vnni x86-64-v4 x86-64-v3 x86-64-v2) ;;
     arm64|aarch64) ARCH=arm64; DEBARCH=arm64; MACHINE=aarch64; VARIANTS=(armv8.2-a+dotprod armv8-a) ;;
     *) die "unknown architecture $ARCH (x86_64 or arm64)" ;;
 esac

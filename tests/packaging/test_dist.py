@@ -78,12 +78,13 @@ def variant_dirs(build: DistBuild) -> dict[str, Path]:
 
 def test_x86_64_folder_is_x86_64_with_a_stated_glibc_floor(dist_x86_64: DistBuild) -> None:
     check_architecture_and_glibc(dist_x86_64)
-    assert set(variant_dirs(dist_x86_64)) == {"x86-64-v2", "x86-64-v3", "x86-64-v4"}
+    assert set(variant_dirs(dist_x86_64)) == {"x86-64-v2", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"}
     assert not (dist_x86_64.folder / "_internal" / "llama_cpp" / "lib").exists(), "the build machine's native llama.cpp was bundled"
 
 
 _AVX512 = re.compile(r"%zmm\d|%k[0-7]\b|\{%k[0-7]\}")
 _AVX2 = re.compile(r"%ymm\d")
+_VNNI = re.compile(r"\bvpdpbusds?\b")
 
 
 def test_x86_64_llama_libraries_use_avx512_only_in_v4_and_the_baseline_no_avx(dist_x86_64: DistBuild) -> None:
@@ -97,6 +98,11 @@ def test_x86_64_llama_libraries_use_avx512_only_in_v4_and_the_baseline_no_avx(di
     assert _AVX512.search(disassembly(variants["x86-64-v4"] / "libggml-cpu.so.0", "x86_64"))
     assert _AVX2.search(disassembly(variants["x86-64-v3"] / "libggml-cpu.so.0", "x86_64"))
     assert not _AVX2.search(disassembly(variants["x86-64-v2"] / "libggml-cpu.so.0", "x86_64"))
+    # VNNI's dot product only where auto asks for avx512_vnni: Skylake-SP runs x86-64-v4 and lacks it.
+    assert _VNNI.search(disassembly(variants["x86-64-v4-vnni"] / "libggml-cpu.so.0", "x86_64"))
+    for name in ("x86-64-v2", "x86-64-v3", "x86-64-v4"):
+        hits = _VNNI.findall(disassembly(variants[name] / "libggml-cpu.so.0", "x86_64"))
+        assert not hits, f"{name}/libggml-cpu.so.0 uses VNNI: {hits[:5]}"
 
 
 # --------------------------------------------------------------------------- running it

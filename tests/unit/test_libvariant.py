@@ -12,7 +12,7 @@ from mongarsd.inference import libvariant
 from mongarsd.inference.libvariant import AUTO, NATIVE, select
 
 LIBS = Path("/opt/libs")
-X86_ALL = {"x86-64-v4", "x86-64-v3", "x86-64-v2"}
+X86_ALL = {"x86-64-v4-vnni", "x86-64-v4", "x86-64-v3", "x86-64-v2"}
 ARM_ALL = {"armv8.2-a+dotprod", "armv8-a"}
 HASWELL = {"sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi2"}
 NEHALEM = {"sse4_2", "ssse3", "popcnt"}
@@ -26,7 +26,9 @@ A72 = {"fp", "asimd"}
     [
         ("x86_64", HASWELL, "x86-64-v3"),
         ("x86_64", NEHALEM | {"avx"}, "x86-64-v2"),  # AVX without AVX2 (Sandy Bridge): the baseline
-        ("x86_64", HASWELL | AVX512, "x86-64-v4"),  # Ice Lake, Zen 4
+        ("x86_64", HASWELL | AVX512, "x86-64-v4"),  # Skylake-SP
+        ("x86_64", HASWELL | AVX512 | {"avx512_vnni"}, "x86-64-v4-vnni"),  # Cascade Lake, Ice Lake, Zen 4
+        ("x86_64", HASWELL | {"avx_vnni", "avx512_vnni"}, "x86-64-v3"),  # VNNI flags without AVX-512 F..VL
         ("x86_64", HASWELL | {"avx512f", "avx512cd"}, "x86-64-v3"),  # Knights Landing: F and CD without BW/DQ/VL
         ("arm64", A76, "armv8.2-a+dotprod"),
         ("arm64", A72, "armv8-a"),
