@@ -129,16 +129,15 @@ cmake --build "$BUILD" --config Release -j"$JOBS" --target llama 2>&1 \
 [ -f "$BUILD/bin/libllama.so" ] || die "the build produced no libllama.so (see above)"
 
 # The patched flash-attention kernel against a double-precision reference, where this CPU can
-# run the variant (checks/fa_decode.cpp; native/README.md)
+# run the variant (checks/fa_decode.cpp; native/README.md). What a variant needs is the
+# daemon's own table (mongarsd/inference/libvariant.py).
 runs_here() {
-    [ "$ARCH" = "$(uname -m | sed 's/aarch64/arm64/')" ] || return 1
-    case "$VARIANT" in
-        x86-64-v4) grep -qw avx512bw /proc/cpuinfo ;;
-        x86-64-v4-vnni) grep -qw avx512bw /proc/cpuinfo && grep -qw avx512_vnni /proc/cpuinfo ;;
-        x86-64-v3) grep -qw avx2 /proc/cpuinfo ;;
-        *dotprod*) grep -qw asimddp /proc/cpuinfo ;;
-        *) return 0 ;;
-    esac
+    PYTHONPATH="$REPO" "$PY" -c '
+import platform, sys
+from mongarsd.inference.libvariant import VARIANTS, detect_hwcaps, normalise_arch
+arch = normalise_arch(platform.machine())
+v = next(v for v in VARIANTS if v.name == sys.argv[1])
+sys.exit(0 if v.arch == arch and v.requires <= detect_hwcaps(arch) else 1)' "$VARIANT"
 }
 if runs_here; then
     "${CC_PREFIX}g++" -O2 -std=c++17 -I"$LLAMA/ggml/include" "$HERE/checks/fa_decode.cpp" \
