@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,11 @@ from mongarsd.inference.gguf import GGUFInfo, read_gguf
 from mongarsd.inference.hugepages import WeightsAdvisor, anon_huge_bytes
 from mongarsd.inference.kv_cache import kv_cache_types, kv_layout
 from mongarsd.inference.sampling import GenerationParams
-from mongarsd.inference.settings import EngineSettings
+from mongarsd.inference.settings import PREFETCH_ENV, EngineSettings
 from mongarsd.inference.tools import TRIGGER_PATTERN
 
 log = structlog.get_logger("mongarsd.inference.llm")
+_prefetch_lock = threading.Lock()
 
 PIECE_BUF_BYTES = 256
 MAX_LOGIT_VIEWS = 64  # rows of logits with a cached view (llama.cpp's outputs of one batch)
@@ -106,6 +108,25 @@ def _install_llama_log(llama_cpp: Any) -> None:
     llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
 
 
+_prefetch_in_effect: int | None = None
+
+
+def apply_prefetch(nbytes: int) -> int:
+    """Give llama.cpp the decode prefetch distance; return the one in effect in this process.
+
+    ggml reads it once, at the first matrix product of the process: the first model loaded sets
+    it, and a later one asking for another distance gets the first one's (logged).
+    """
+    global _prefetch_in_effect
+    with _prefetch_lock:
+        if _prefetch_in_effect is None:
+            os.environ[PREFETCH_ENV] = str(nbytes)
+            _prefetch_in_effect = nbytes
+        elif _prefetch_in_effect != nbytes:
+            log.warning("prefetch_bytes_unchanged", requested=nbytes, in_effect=_prefetch_in_effect)
+        return _prefetch_in_effect
+
+
 class LlamaContext:
     """A GGUF model loaded into llama.cpp with its slots' KV cache and one reused batch.
 
@@ -150,6 +171,7 @@ class LlamaContext:
         self._views: dict[int, np.ndarray] = {}  # address -> view of one row of logits
         self.weights = ""  # "mmap" (the page cache's pages) or "memory" (read into the daemon's own)
         self.weights_huge_mb = 0.0  # of them on transparent huge pages (see hugepages.py)
+        self.prefetch_bytes = 0  # llama.cpp's prefetch distance in effect in this process
 
     @property
     def loaded(self) -> bool:
@@ -173,6 +195,7 @@ class LlamaContext:
         lib: Any = llama_cpp
         self.lib = lib
         _install_llama_log(lib)
+        self.prefetch_bytes = apply_prefetch(self.settings.prefetch_bytes)
         lib.llama_backend_init()
 
         s = self.settings

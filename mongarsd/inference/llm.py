@@ -102,6 +102,7 @@ class LlamaEngine:
             threads_batch=self._llama.threads_batch,
             weights=self._llama.weights,
             weights_huge_pages_mb=self._llama.weights_huge_mb,
+            prefetch_bytes=self._llama.prefetch_bytes,
         )
 
     async def async_stop(self) -> None:

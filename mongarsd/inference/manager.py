@@ -341,6 +341,7 @@ class InferenceManager:
                 gpu_layers=section.gpu_layers,
                 stream_interval_ms=section.stream_interval_ms,
                 prompt_cache_mb=section.prompt_cache_mb,
+                prefetch_bytes=section.prefetch_bytes,
             ),
             keep_alive_s=section.keep_alive_s,
             memory_budget_mb=section.memory_budget_mb,

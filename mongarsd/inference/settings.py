@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from mongarsd.errors import ValidationError
 from mongarsd.inference.kv_cache import KV_CACHE_TYPES
 
+# llama.cpp's patched matrix-vector product reads GGML_MUL_MAT_PREFETCH once per process and
+# ignores values outside 0..1 MiB (native/patches/*/0002-*.patch)
+PREFETCH_ENV = "GGML_MUL_MAT_PREFETCH"
+MAX_PREFETCH_BYTES = 1 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
@@ -28,12 +33,15 @@ class EngineSettings:
     warmup: bool = True  # one decode at start so the first request does not pay for lazy init
     stream_interval_ms: int = 0  # hold a stream's tokens for up to this long and hand them over together
     prompt_cache_mb: int = 0  # shared pool only: host memory for idle conversations' cells (0: they stay in the pool)
+    prefetch_bytes: int = 4096  # decoding: weight rows requested this far ahead (0: hardware prefetch only); per process
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValidationError("slots must be >= 1", param="slots")
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValidationError("stream_interval_ms must be between 0 and 1000", param="stream_interval_ms")
+        if not 0 <= self.prefetch_bytes <= MAX_PREFETCH_BYTES:
+            raise ValidationError(f"prefetch_bytes must be between 0 and {MAX_PREFETCH_BYTES}", param="prefetch_bytes")
         if self.prompt_cache_mb < 0:
             raise ValidationError("prompt_cache_mb must be >= 0", param="prompt_cache_mb")
         if self.kv_pool < 0:

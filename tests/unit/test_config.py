@@ -48,6 +48,10 @@ def test_each_layer_overrides_the_one_below_and_is_named(tmp_path: Path) -> None
         ({"MONGARSD_NOPE__X": "1"}, "unknown section [nope]"),
         ({"MONGARSD_LOG__FORMAT": "xml"}, "log.format = 'xml' from env:MONGARSD_LOG__FORMAT: must be one of auto, json, console"),
         ({"MONGARSD_PORT": "1"}, "expected MONGARSD_<SECTION>__<KEY>"),
+        (
+            {"MONGARSD_INFERENCE__PREFETCH_BYTES": "-64"},
+            "inference.prefetch_bytes = '-64' from env:MONGARSD_INFERENCE__PREFETCH_BYTES: must be between 0 and 1048576",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_source(tmp_path: Path, env: dict[str, str], needle: str) -> None:
