@@ -104,8 +104,10 @@ def test_the_installed_ggml_reads_the_prefetch_distance() -> None:
 def test_decoding_with_and_without_prefetch_gives_the_same_numbers(shim: Path, tmp_path: Path) -> None:
     on, asked_on = decode(shim, tmp_path, 4096)
     off, asked_off = decode(shim, tmp_path, 0)
-    # the patched product ran and looked the distance up, once per process, in both
-    assert asked_on == ["asked"] and asked_off == ["asked"]
+    # the patched product ran and looked the distance up in both: once, or once per compute
+    # thread when both reach their first product together (the cached value is a relaxed atomic)
+    assert asked_on and set(asked_on) == {"asked"} and len(asked_on) <= 2
+    assert asked_off and set(asked_off) == {"asked"} and len(asked_off) <= 2
     assert on["env"] == "4096" and on["in_effect"] == 4096
     assert off["env"] == "0" and off["in_effect"] == 0
     assert len(on["tokens"]) == 12  # type: ignore[arg-type]
