@@ -115,8 +115,8 @@ TARGETS: Final[dict[str, TargetSpec]] = {
         (Check("value", "<=", 2.0), Check("failure_detect_s", "<=", 6.0), Check("bytes_per_node_kbps", "<=", 40.0)),
     ),
     "P11": TargetSpec(
-        "3-node mesh throughput vs 1 node under saturating load, same CPU budget per node: non-streamed / streamed / lost on failover",
-        "x",
+        "3-node mesh throughput (tokens decoded per second) vs 1 node under saturating load, same CPU budget per node: non-streamed / streamed / lost on failover",
+        "tokens/s",
         (Check("ratio", ">=", 2.5), Check("stream_ratio", ">=", 2.5), Check("failover_lost", "<=", 0.0)),
     ),
     "P12": TargetSpec("event-loop lag p99 while generating", "ms", (Check("value", "<=", 20.0),)),

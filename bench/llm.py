@@ -48,8 +48,11 @@ REPS: Final = 5  # repetitions per side for P2, P5, P13 (median reported): the V
 # Reps whose two servers alternate in order are even: the one measured right after a llama-bench
 # run (or after the other server's 4 streams) was measured 3-4 % slower on the 2-core VM, and an
 # odd count gives one side that place once more.
-DEFAULTS_REPS: Final = 6  # P4 with each side's defaults: what a user gets, drift-prone on a 2-core VM
-P4_REPS: Final = 6  # P4 matched (and P12's lag samples)
+# P4: on the AVX2 EPYC VM, whose single-thread decode moved between 50 and 90 t/s within a minute,
+# the median of 6 per-rep ratios read 0.93, 1.01 and 0.94 in three runs of the same build, and
+# 16 reps of the same two servers read 1.03; 12 keep one run's median within a few percent.
+DEFAULTS_REPS: Final = 12  # P4 with each side's defaults: what a user gets
+P4_REPS: Final = 12  # P4 matched (and P12's lag samples)
 P1_REPS: Final = 10  # P1, matched and with defaults: a ±2 % question on a VM whose pairs scatter by ±5 %
 P2_REPS: Final = 10  # P2's pairs scattered from 0.86 to 1.21 in one run of 5 (llama-bench pp512 210-275 t/s)
 # P3 is cheap and noisy: in one run on a slow host (TTFT ~145 ms) the per-rep differences

@@ -831,7 +831,15 @@ P11_GOSSIP_PORT: Final = 8643
 # budget: on the dev machine, 1 slot, 12 clients, the lone node refused ~7 requests/s and
 # completed 14 in 30 s, where the same node completed 22 as the mesh's entry.)
 P11_WAITING_PER_NODE: Final = 3
-P11_DURATION_S: Final = 60.0  # at ~5 s per request under 0.5 CPU, 30 s held only ~5 completions of the lone node
+P11_DURATION_S: Final = 60.0  # the failover run's counted window (the kill comes 10 s into it)
+# The lone node and the mesh are measured in alternating windows, lone-mesh-mesh-lone (ABBA), per
+# load kind, and each side's windows are pooled: a drift of the host's speed (on an AVX2 EPYC VM,
+# single-thread llama-bench tg64 moved between 50 and 90 t/s within a minute) then weighs on both
+# sides alike. Measured one after the other (lone node first, then the mesh, one 60 s window
+# each), that VM read the two ratios at 3.2-3.7 (non-streamed) and 2.1-2.2 (streamed) in two runs.
+P11_WINDOW_S: Final = 30.0  # per window; 2 windows per side and load kind: 60 s counted per side, as before
+P11_PAIRS: Final = 2  # (lone, mesh) pairs per load kind; the second pair runs in the reverse order
+P11_LONE_NODE: Final = 3  # the reference daemon: its own namespace, budget and cluster key, no peers
 P11_WARMUP_S: Final = 8.0
 # A legitimate wait, not a hang: a daemon admits up to slots + queue_depth (4 + 16 here) requests
 # and never drops queued work, and the saturating load keeps every client's request in the system,
@@ -856,7 +864,7 @@ LOST_STATUSES_OK: Final = frozenset({"200", "429", "503"})  # 429/503 = refused 
 
 
 def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> dict[str, Any]:
-    """Completed requests/s of each load run and their ratio (pure)."""
+    """Tokens decoded per second inside the counted windows, completed requests/s, and their ratios (pure)."""
 
     def rps(r: Mapping[str, Any]) -> float | None:
         el = float(r.get("elapsed_s") or 0.0)
@@ -868,18 +876,70 @@ def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> di
         tokens = int(r.get("tokens") or 0)
         return tokens / el if el > 0 and tokens > 0 else None
 
+    def window_tps(r: Mapping[str, Any]) -> float | None:
+        el = float(r.get("elapsed_s") or 0.0)
+        tokens = float(r.get("window_tokens") or 0.0)
+        return tokens / el if el > 0 and tokens > 0 else None
+
     one, three = rps(single), rps(mesh)
     one_t, three_t = tps(single), tps(mesh)
+    one_w, three_w = window_tps(single), window_tps(mesh)
     return {
+        "single_window_tokens_per_s": one_w,
+        "mesh_window_tokens_per_s": three_w,
+        "ratio": (three_w / one_w) if one_w and three_w else None,
         "single_rps": one,
         "mesh_rps": three,
-        "ratio": (three / one) if one and three else None,
+        "requests_ratio": (three / one) if one and three else None,
         "single_tokens_per_s": one_t,
         "mesh_tokens_per_s": three_t,
         "tokens_ratio": (three_t / one_t) if one_t and three_t else None,
         "single_errors": int(single.get("errors") or 0),
         "mesh_errors": int(mesh.get("errors") or 0),
     }
+
+
+def window_order(pairs: int) -> list[str]:
+    """Sides of the interleaved windows: "single", "mesh", then reversed each other pair (ABBA...) (pure)."""
+    order: list[str] = []
+    for k in range(pairs):
+        order.extend(("single", "mesh") if k % 2 == 0 else ("mesh", "single"))
+    return order
+
+
+def pool_windows(windows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One side's windows as one load run: counts, statuses and served-by summed, time added up (pure)."""
+    statuses: dict[str, int] = {}
+    served: dict[str, int] = {}
+    for w in windows:
+        for key, n in (w.get("statuses") or {}).items():
+            statuses[key] = statuses.get(key, 0) + int(n)
+        for key, n in (w.get("served_by_header") or {}).items():
+            served[key] = served.get(key, 0) + int(n)
+    return {
+        "completed": sum(int(w.get("completed") or 0) for w in windows),
+        "errors": sum(int(w.get("errors") or 0) for w in windows),
+        "tokens": sum(int(w.get("tokens") or 0) for w in windows),
+        "window_tokens": round(sum(float(w.get("window_tokens") or 0.0) for w in windows), 1),
+        "elapsed_s": sum(float(w.get("elapsed_s") or 0.0) for w in windows),
+        "statuses": statuses,
+        "served_by_header": served,
+        "scheduler": _sum_counts([w.get("scheduler") or {} for w in windows]),
+        "per_window_completed": [int(w.get("completed") or 0) for w in windows],
+        "windows": list(windows),
+    }
+
+
+def _sum_counts(maps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up count maps key by key, nested maps (per-peer counts) included (pure)."""
+    out: dict[str, Any] = {}
+    for m in maps:
+        for key, val in m.items():
+            if isinstance(val, Mapping):
+                out[key] = _sum_counts([out.get(key, {}), val])
+            elif isinstance(val, int | float) and not isinstance(val, bool):
+                out[key] = out.get(key, 0) + val
+    return out
 
 
 def clients_for(nodes: int, slots: int) -> int:
@@ -972,13 +1032,43 @@ def p11_missing() -> str | None:
     return unavailable_reason()
 
 
+def load_prompt_start(seed: int, client: int, request: int) -> int:
+    """The first number of a load request's counting prompt: unique per (seed, client, request) (pure).
+
+    Every start has 8 digits, so every prompt has the same length. A window's `seed` keeps its
+    prompts apart from every other window's: the engine keeps idle conversations' KV cells and
+    restores a prompt it has seen, so a window that repeated an earlier window's prompts on the
+    same node skipped their prompt processing (a quarter of a 48-token request's cost), and the
+    lone node's second run had read 24 -> 36 completions per 60 s.
+    """
+    if not (0 <= seed < 90 and 0 <= client < 100):
+        raise ValueError(f"seed {seed} / client {client} out of range")
+    return 10_000_000 + seed * 1_000_000 + client * 10_000 + (request % 100) * 100
+
+
+def window_share(tokens: float, t_first: float, t_last: float, w_start: float, w_end: float) -> float:
+    """The part of a request's `tokens` decoded inside [w_start, w_end), its decode spread evenly over [t_first, t_last] (pure)."""
+    if tokens <= 0 or w_end <= w_start:
+        return 0.0
+    if t_last <= t_first:
+        return float(tokens) if w_start <= t_last < w_end else 0.0
+    overlap = min(t_last, w_end) - max(t_first, w_start)
+    return float(tokens) * max(0.0, overlap) / (t_last - t_first)
+
+
 async def async_load(
-    base: str, *, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int, stream: bool = False
+    base: str, *, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int, stream: bool = False, seed: int = 0
 ) -> dict[str, Any]:
     """Saturate POST /v1/completions with `concurrency` clients; count completions after warm-up.
 
     Streamed: a request completes when its SSE stream ends with `data: [DONE]`; tokens are the
     content chunks. A stream cut short counts as `stream_cut` (a lost request).
+
+    `window_tokens` are the tokens decoded inside the counted window, whether their request ended
+    in it or after it: each answer's completion_tokens, spread over its decode (first to last
+    content chunk when streamed; the server's timings.predicted_ms up to the answer otherwise).
+    Whole answers are a coarse count for a lone node, whose four slots start and finish together:
+    its completions come in bursts of four, and a 30 s window held 3 or 4 of them.
     """
     import aiohttp
 
@@ -989,12 +1079,13 @@ async def async_load(
     t_measure = t_start + warmup_s
     t_end = t_measure + duration_s
     completed = errors = tokens = 0
+    window_tokens = 0.0
     statuses: dict[str, int] = {}
     served_by: dict[str, int] = {}
     latencies: list[float] = []  # seconds, of the requests answered 200 inside the counted window
 
     async def client(session: aiohttp.ClientSession, k: int) -> None:
-        nonlocal completed, errors, tokens
+        nonlocal completed, errors, tokens, window_tokens
         i = 0
         while time.monotonic() < t_end:
             i += 1
@@ -1003,12 +1094,16 @@ async def async_load(
             # and requests/s then compares different amounts of decoding.
             body = {
                 "model": P11_MODEL_ID,
-                "prompt": count_prompt(k * 100_000 + i * 1000),
+                "prompt": count_prompt(load_prompt_start(seed, k, i)),
                 "max_tokens": max_tokens,
                 "temperature": 0.0,
                 "stream": stream,
             }
+            if stream:
+                body["stream_options"] = {"include_usage": True}
             chunks = 0
+            usage_tokens: int | None = None
+            t_chunk_first = t_chunk_last = 0.0
             done_marker = False
             t_sent = time.monotonic()
             try:
@@ -1022,13 +1117,30 @@ async def async_load(
                             if line == b"data: [DONE]":
                                 done_marker = True
                             elif line.startswith(b"data: "):
+                                try:
+                                    event = json.loads(line[6:])
+                                except ValueError:
+                                    continue
+                                usage = event.get("usage") if isinstance(event, dict) else None
+                                if isinstance(usage, dict) and not event.get("choices"):
+                                    usage_tokens = int(usage.get("completion_tokens") or 0)
+                                    continue
                                 chunks += 1
+                                t_chunk_last = time.monotonic()
+                                t_chunk_first = t_chunk_first or t_chunk_last
                     else:
                         data = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as err:
                 statuses[type(err).__name__] = statuses.get(type(err).__name__, 0) + 1
                 errors += 1
                 continue
+            t_recv = time.monotonic()
+            if resp.status == 200 and (not stream or done_marker):
+                if stream:
+                    window_tokens += window_share(usage_tokens or chunks, t_chunk_first, t_chunk_last, t_measure, t_end)
+                else:
+                    n, predicted_s = _answer_tokens(data)
+                    window_tokens += window_share(n, t_recv - predicted_s if predicted_s is not None else t_sent, t_recv, t_measure, t_end)
             if resp.status in (429, 503):  # overloaded: back off as a well-behaved client does
                 try:
                     pause = float(retry_after)
@@ -1047,7 +1159,7 @@ async def async_load(
                 latencies.append(time.monotonic() - t_sent)
                 served_by[node] = served_by.get(node, 0) + 1
                 if stream:
-                    tokens += chunks
+                    tokens += usage_tokens or chunks
                     continue
                 try:
                     tokens += int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
@@ -1062,6 +1174,7 @@ async def async_load(
         "completed": completed,
         "errors": errors,
         "tokens": tokens,
+        "window_tokens": round(window_tokens, 1),
         "elapsed_s": duration_s,
         "concurrency": concurrency,
         "stream": stream,
@@ -1069,6 +1182,18 @@ async def async_load(
         "served_by_header": served_by,
         "latency_s": latency_summary(latencies),
     }
+
+
+def _answer_tokens(data: bytes) -> tuple[int, float | None]:
+    """completion_tokens and timings.predicted_ms (in s) of a non-streamed answer; (0, None) if unreadable (pure)."""
+    try:
+        body = json.loads(data)
+        n = int(body.get("usage", {}).get("completion_tokens", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0, None
+    timings = body.get("timings")
+    ms = timings.get("predicted_ms") if isinstance(timings, dict) else None
+    return n, (float(ms) / 1000.0 if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0 else None)
 
 
 def latency_summary(latencies: Sequence[float]) -> dict[str, float | None]:
@@ -1128,24 +1253,25 @@ def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wante
     cgroup.cleanup_stale()
     work = Path(tempfile.mkdtemp(prefix="mongarsd-bench-p11-"))
     base = f"http://127.0.0.1:{P11_API_PORT}"
-    client_timeout = P11_DURATION_S + P11_WARMUP_S + P11_REQUEST_TIMEOUT_S + 60
+    client_timeout = max(P11_DURATION_S, P11_WINDOW_S) + P11_WARMUP_S + P11_REQUEST_TIMEOUT_S + 60
     phases: dict[str, dict[str, Any]] = {}
     procs: dict[int, Any] = {}
     try:
         with contextlib.ExitStack() as stack:
             # Entered first, left last: the groups are removed after the lab stopped the daemons
             # (and a group still holding a process is emptied into its parent first).
-            budgets = [stack.enter_context(cgroup.CpuBudget(f"p11-node{i}", cpus=P11_CPUS_PER_NODE, controller=ctl)) for i in range(3)]
-            lab = stack.enter_context(NetnsLab(3))
-            states = [work / f"state{i}" for i in range(3)]
-            # One cluster key for the three (what `mongarsd keys generate/install` would write).
+            budgets = [stack.enter_context(cgroup.CpuBudget(f"p11-node{i}", cpus=P11_CPUS_PER_NODE, controller=ctl)) for i in range(4)]
+            lab = stack.enter_context(NetnsLab(4))
+            states = [work / f"state{i}" for i in range(4)]
+            # One cluster key for the mesh's three (what `mongarsd keys generate/install` would
+            # write); the lone node has a key of its own, so it never joins them.
             from mongarsd.mesh.keyring import Keyring, generate_key
             from mongarsd.mesh.service import keyring_path
 
             keyring = Keyring(generate_key())
-            for st in states:
+            for i, st in enumerate(states):
                 keyring_path(st).parent.mkdir(parents=True, exist_ok=True)
-                keyring.save(keyring_path(st))
+                (Keyring(generate_key()) if i == P11_LONE_NODE else keyring).save(keyring_path(st))
             empty = work / "empty.toml"
             empty.write_text("")
             for st in states:  # the daemons listen beyond loopback, which needs a token to exist
@@ -1156,7 +1282,7 @@ def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wante
                 )  # fmt: skip
                 if tok.returncode != 0:
                     return skipped_entry("P11", f"`mongarsd token create` failed: {(tok.stderr or tok.stdout).strip()[-300:]}")
-            seeds = ",".join(f"{n.ip}:{P11_GOSSIP_PORT}" for n in lab.nodes)
+            seeds = ",".join(f"{n.ip}:{P11_GOSSIP_PORT}" for n in lab.nodes[:3])
 
             def start(i: int) -> None:
                 env = {
@@ -1172,7 +1298,9 @@ def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wante
                     "MONGARSD_AUTH__RATE_LIMIT_BURST": "100000",
                     "MONGARSD_MESH__GOSSIP_PORT": str(P11_GOSSIP_PORT),
                     "MONGARSD_MESH__ADVERTISE_HOST": lab.nodes[i].ip,
-                    "MONGARSD_MESH__SEEDS": seeds,
+                    "MONGARSD_MESH__SEEDS": f"{lab.nodes[i].ip}:{P11_GOSSIP_PORT}" if i == P11_LONE_NODE else seeds,
+                    # idle-time work would start on the side resting between windows, on the same cores
+                    "MONGARSD_SOMMEIL__ENABLED": "false",
                     "MONGARSD_MESH__MDNS": "false",  # static seeds: no multicast chatter on the measured cores
                     "MONGARSD_MESH__SKIP_VIRTUAL_INTERFACES": "false",  # eth0 in a namespace is a veth
                 }
@@ -1191,57 +1319,83 @@ def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wante
             def daemons() -> list[int]:
                 return sorted(procs)
 
+            seeds_used: list[str] = []  # one prompt seed per load run: no run repeats another's prompts
+
+            def counters() -> dict[str, dict[str, float]]:
+                """Each live daemon's engine counters, read inside its namespace (skips a dead one)."""
+                out: dict[str, dict[str, float]] = {}
+                for i in daemons():
+                    if procs[i].poll() is not None:
+                        continue
+                    with contextlib.suppress(Skip, ValueError, subprocess.TimeoutExpired):
+                        out[f"daemon{i}"] = _p11_in_ns(lab, i, "--url", base, "--metrics", timeout_s=30)
+                return out
+
             def events() -> dict[str, dict[str, Any]]:
                 return {f"daemon{i}": count_log_events(_read_lines(work / f"daemon{i}.log")) for i in daemons()}
 
-            def phase(name: str, *, stream: bool, nodes: int, during: Callable[[], None] | None = None) -> dict[str, Any]:
+            def phase(
+                name: str, *, stream: bool, nodes: int, during: Callable[[], None] | None = None, duration_s: float = P11_WINDOW_S
+            ) -> dict[str, Any]:
                 clients = clients_for(nodes, slots)
+                entry = P11_LONE_NODE if nodes == 1 else 0
                 log(f"  P11: {name} ({'streamed' if stream else 'non-streamed'}), {clients} clients ...")
-                args = ["--url", base, "--concurrency", str(clients), "--duration", str(P11_DURATION_S)]
+                seed = len(seeds_used)
+                seeds_used.append(name)
+                args = ["--url", base, "--concurrency", str(clients), "--duration", str(duration_s), "--seed", str(seed)]
                 ev0, cpu0, thr0 = events(), _cpu_seconds(procs), [b.stat() for b in budgets]
+                counters0 = counters()
                 t0 = time.monotonic()
                 if during is None:
-                    res = _p11_in_ns(lab, 0, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
+                    res = _p11_in_ns(lab, entry, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
                 else:
                     import concurrent.futures
 
                     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                        fut = pool.submit(_p11_in_ns, lab, 0, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
+                        fut = pool.submit(_p11_in_ns, lab, entry, *args, *(["--stream"] if stream else []), timeout_s=client_timeout)
                         during()
                         res = fut.result()
                 dt = time.monotonic() - t0
                 cpu1, thr1 = _cpu_seconds(procs), [b.stat() for b in budgets]
+                counters1 = counters()
+                res["engine"] = {
+                    d: {**engine_work(counters0[d], c), "cpu_s": round(cpu1[i] - cpu0[i], 2)}
+                    for i in daemons()
+                    if (d := f"daemon{i}") in counters0 and (c := counters1.get(d)) is not None and i in cpu0 and i in cpu1
+                }
                 per = {d: diff_counts(ev0.get(d, {}), c) for d, c in events().items()}
-                res["scheduler"] = scheduler_choices(per)
+                res["scheduler"] = scheduler_choices(per, entry=f"daemon{entry}")
                 res["forward_log_counts"] = per
                 res["cpu_cores_used"] = {f"daemon{i}": round((cpu1[i] - cpu0[i]) / dt, 3) for i in cpu0 if i in cpu1}
                 res["cgroup_throttled_periods"] = {
-                    f"daemon{i}": thr1[i].get("nr_throttled", 0) - thr0[i].get("nr_throttled", 0) for i in range(3) if thr0[i]
+                    f"daemon{i}": thr1[i].get("nr_throttled", 0) - thr0[i].get("nr_throttled", 0) for i in range(4) if thr0[i]
                 }
                 res["lost"] = lost_requests(res)
                 log(
-                    f"    {res['completed']} completed in {P11_DURATION_S:.0f} s, served by {res['served_by_header']}, "
-                    f"statuses {res['statuses']}, scheduler {res['scheduler']}, cpu {res['cpu_cores_used']}"
+                    f"    {res['completed']} completed in {duration_s:.0f} s, served by {res['served_by_header']}, "
+                    f"statuses {res['statuses']}, scheduler {res['scheduler']}, cpu {res['cpu_cores_used']}, "
+                    f"engines {res['engine']}"
                 )
                 return res
 
-            start(0)
-            if _p11_in_ns(lab, 0, "--url", base, "--wait-peers", "1", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0) < 1:
-                return skipped_entry("P11", "the entry daemon did not come up")
-            slots = engine_slots(_read_lines(work / "daemon0.log")) or 1
-            if "single" in phases_wanted:
-                phases["single"] = phase("one daemon", stream=False, nodes=1)
-            if "single_stream" in phases_wanted:
-                phases["single_stream"] = phase("one daemon", stream=True, nodes=1)
-            start(1)
-            start(2)
+            for i in (P11_LONE_NODE, 0, 1, 2):
+                start(i)
+            if _p11_in_ns(lab, P11_LONE_NODE, "--url", base, "--wait-peers", "1", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0) < 1:
+                return skipped_entry("P11", "the lone daemon did not come up")
             alive = int(_p11_in_ns(lab, 0, "--url", base, "--wait-peers", "3", timeout_s=P11_READY_TIMEOUT_S + 10).get("alive", 0))
             if alive < 3:
                 return skipped_entry("P11", f"the mesh did not form: the entry node sees {alive} alive member(s)")
-            if "mesh" in phases_wanted:
-                phases["mesh"] = phase("three daemons", stream=False, nodes=3)
-            if "mesh_stream" in phases_wanted:
-                phases["mesh_stream"] = phase("three daemons", stream=True, nodes=3)
+            slots = engine_slots(_read_lines(work / f"daemon{P11_LONE_NODE}.log")) or 1
+            for stream, suffix in ((False, ""), (True, "_stream")):
+                windows: dict[str, list[dict[str, Any]]] = {"single": [], "mesh": []}
+                for k, side in enumerate(window_order(P11_PAIRS)):
+                    if side + suffix not in phases_wanted:
+                        continue
+                    what = "one daemon" if side == "single" else "three daemons"
+                    windows[side].append(phase(f"{what}, window {k + 1}", stream=stream, nodes=1 if side == "single" else 3))
+                for side, runs in windows.items():
+                    if runs:
+                        phases[side + suffix] = pool_windows(runs)
             killed: dict[str, Any] = {}
 
             def kill_peer() -> None:
@@ -1252,9 +1406,11 @@ def run_p11(log: Callable[[str], None], *, keep_logs: bool = False, phases_wante
                 log(f"    SIGKILLed daemon{P11_KILLED_NODE} {P11_KILL_AFTER_S:.0f} s into the counted window")
 
             if "failover" in phases_wanted:
-                phases["failover"] = phase("three daemons, one SIGKILLed mid-load", stream=False, nodes=3, during=kill_peer)
+                phases["failover"] = phase(
+                    "three daemons, one SIGKILLed mid-load", stream=False, nodes=3, during=kill_peer, duration_s=P11_DURATION_S
+                )
                 phases["failover"]["killed"] = {"node": f"daemon{P11_KILLED_NODE}", **killed}
-            logs = {f"daemon{i}": _tail_errors(work / f"daemon{i}.log") for i in range(3)}
+            logs = {f"daemon{i}": _tail_errors(work / f"daemon{i}.log") for i in range(4)}
             method = budgets[0].method
     finally:
         if keep_logs:
@@ -1278,26 +1434,36 @@ def build_p11_entry(
     fail = phases.get("failover", {})
     return make_entry(
         "P11",
-        value=s["mesh_rps"],
-        reference=s["single_rps"],
-        unit="requests/s",
+        value=s["mesh_window_tokens_per_s"],
+        reference=s["single_window_tokens_per_s"],
+        unit="tokens/s",
         ratio=s["ratio"],
         stream_ratio=st["ratio"],
-        tokens_ratio=s["tokens_ratio"],
-        stream_tokens_ratio=st["tokens_ratio"],
+        requests_ratio=s["requests_ratio"],
+        stream_requests_ratio=st["requests_ratio"],
         failover_lost=lost_requests(fail) if fail else None,
         details={
             "method": (
-                f"3 namespaces on a bridge, `mongarsd run` in each (mesh enabled, default LAN timing, shared keyring, static "
-                f"seeds, {P11_LLAMA_THREADS} llama.cpp thread); each daemon in its own cgroup held to "
+                f"4 namespaces on a bridge, `mongarsd run` in each (mesh enabled, default LAN timing, static seeds, "
+                f"{P11_LLAMA_THREADS} llama.cpp thread, Sommeil off so no idle-time work runs on the side resting "
+                f"between windows): three share a cluster key and form the mesh, the fourth (the lone reference node) has a "
+                f"key of its own and no peers. Each daemon in its own cgroup held to "
                 f"{P11_CPUS_PER_NODE} CPU ({'v2 cpu.max' if cgroup_version == 2 else 'v1 CFS quota: the v2 hierarchy has no cpu controller here'}), "
-                f"the lone daemon of the reference under the same budget, so 3 nodes have 3x one node's compute "
+                f"so 3 nodes have 3x one node's compute "
                 f"(1.5 of the machine's CPUs; the load client runs outside the budgets). Saturating load: per node, one "
                 f"client per engine slot ({slots}) + {P11_WAITING_PER_NODE} waiting, i.e. {clients_for(1, slots)} concurrent "
-                f"clients for the lone node and {clients_for(3, slots)} for the mesh, /v1/completions (a counting prompt at temperature 0, so every request decodes max_tokens = {P11_MAX_TOKENS}; non-streamed, then streamed) against the entry node "
-                f"only, {P11_WARMUP_S:.0f} s warm-up then {P11_DURATION_S:.0f} s counted; 429/503 answers are retried "
+                f"clients for the lone node and {clients_for(3, slots)} for the mesh, /v1/completions (a counting prompt at temperature 0, so every request decodes max_tokens = {P11_MAX_TOKENS}) against one entry node "
+                f"only. Non-streamed, then streamed: {2 * P11_PAIRS} windows each, lone and mesh alternating "
+                f"({'-'.join(window_order(P11_PAIRS))}), each {P11_WARMUP_S:.0f} s warm-up then {P11_WINDOW_S:.0f} s counted, "
+                f"and each side's windows pooled, so a drift of the host's speed weighs on both sides. Throughput: tokens decoded "
+                f"inside the counted windows per second (each answer's tokens spread over its decode: first to last streamed chunk, "
+                f"or the server's timings.predicted_ms up to the answer), whether the answer came in the window or after it; "
+                f"completed requests/s beside it (requests_ratio). Every load run has prompts of its own (no run repeats another's: "
+                f"the engine restores prompts it has seen); "
+                f"429/503 answers are retried "
                 f"after Retry-After (<= {P11_BACKOFF_S:.0f} s); a client waits up to {P11_REQUEST_TIMEOUT_S:.0f} s for an answer "
-                f"(saturated queues: latency = clients / throughput). Failover: the non-streamed load again, daemon{P11_KILLED_NODE} "
+                f"(saturated queues: latency = clients / throughput). Failover: the non-streamed load on the mesh again "
+                f"({P11_WARMUP_S:.0f} s warm-up, {P11_DURATION_S:.0f} s counted), daemon{P11_KILLED_NODE} "
                 f"SIGKILLed {P11_KILL_AFTER_S:.0f} s into the counted window; lost = transport errors and statuses other "
                 "than 200/429/503. Scheduler choices from the daemons' mesh_forwarded log lines: the client talks to the "
                 "entry only, so a forward made by another node is a request forwarded twice"
@@ -1357,7 +1523,54 @@ def _tail_errors(path: Path, limit: int = 8) -> list[str]:
     return bad[-limit:]
 
 
+ENGINE_COUNTERS: Final = ("n_decode_total", "n_busy_slots_per_decode", "tokens_predicted_total", "prompt_tokens_total")
+
+
+def parse_engine_counters(text: str) -> dict[str, float]:
+    """The engine's llamacpp:* counters from a /metrics page, summed over label sets (pure)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("llamacpp:"):
+            continue
+        name, _, value = line.rpartition(" ")
+        key = name.split("{", 1)[0].removeprefix("llamacpp:")
+        if key not in ENGINE_COUNTERS:
+            continue
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def engine_work(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
+    """What an engine did between two counter snapshots: decode steps, mean busy slots per step, tokens (pure)."""
+
+    def busy(c: Mapping[str, float]) -> float:
+        return float(c.get("n_busy_slots_per_decode", 0.0)) * float(c.get("n_decode_total", 0.0))
+
+    steps = float(after.get("n_decode_total", 0.0)) - float(before.get("n_decode_total", 0.0))
+    return {
+        "decode_steps": int(steps),
+        "busy_slots_per_step": round((busy(after) - busy(before)) / steps, 3) if steps > 0 else None,
+        "tokens_predicted": int(float(after.get("tokens_predicted_total", 0.0)) - float(before.get("tokens_predicted_total", 0.0))),
+        "prompt_tokens": int(float(after.get("prompt_tokens_total", 0.0)) - float(before.get("prompt_tokens_total", 0.0))),
+    }
+
+
+async def async_engine_counters(base: str) -> dict[str, float]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base.rstrip("/") + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp,
+    ):
+        return parse_engine_counters(await resp.text())
+
+
 async def async_p11_client(args: argparse.Namespace) -> dict[str, Any]:
+    if args.metrics:
+        return await async_engine_counters(args.url)
     if args.wait_peers:
         return {"alive": await async_wait_peers(args.url, int(args.wait_peers), P11_READY_TIMEOUT_S)}
     return await async_load(
@@ -1367,6 +1580,7 @@ async def async_p11_client(args: argparse.Namespace) -> dict[str, Any]:
         warmup_s=P11_WARMUP_S,
         max_tokens=P11_MAX_TOKENS,
         stream=bool(args.stream),
+        seed=int(args.seed),
     )
 
 
@@ -1420,9 +1634,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p11-client", action="store_true", help=argparse.SUPPRESS)  # run inside a namespace by run_p11
     parser.add_argument("--url", default=f"http://127.0.0.1:{P11_API_PORT}", help=argparse.SUPPRESS)
     parser.add_argument("--wait-peers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=clients_for(3, 1), help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=P11_DURATION_S, help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.p11_client:
         print(json.dumps(asyncio.run(async_p11_client(args))), flush=True)

@@ -156,12 +156,25 @@ def test_p10_entry_skipped_when_nothing_was_measured() -> None:
 
 
 def test_throughput_summary_rates_and_ratio() -> None:
-    one = {"completed": 30, "errors": 0, "elapsed_s": 30.0}
-    three = {"completed": 45, "errors": 1, "elapsed_s": 30.0}
+    one = {"completed": 30, "errors": 0, "elapsed_s": 30.0, "window_tokens": 600.0}
+    three = {"completed": 45, "errors": 1, "elapsed_s": 30.0, "window_tokens": 1680.0}
     s = throughput_summary(one, three)
     assert s["single_rps"] == pytest.approx(1.0) and s["mesh_rps"] == pytest.approx(1.5)
-    assert s["ratio"] == pytest.approx(1.5)
+    assert s["requests_ratio"] == pytest.approx(1.5)
+    # the checked ratio is the tokens decoded inside the windows, not whole answers
+    assert s["single_window_tokens_per_s"] == pytest.approx(20.0) and s["ratio"] == pytest.approx(2.8)
     assert throughput_summary({"completed": 0, "errors": 3, "elapsed_s": 30.0}, three)["ratio"] is None
+
+
+def test_window_share_spreads_a_decode_over_the_window_it_overlaps() -> None:
+    from bench.mesh import window_share
+
+    assert window_share(48, 10.0, 20.0, 0.0, 100.0) == 48.0  # all inside
+    assert window_share(48, 10.0, 20.0, 15.0, 100.0) == pytest.approx(24.0)  # the window opened halfway
+    assert window_share(48, 90.0, 110.0, 0.0, 100.0) == pytest.approx(24.0)  # finished after the window
+    assert window_share(48, 0.0, 5.0, 10.0, 20.0) == 0.0  # before the window
+    assert window_share(48, 12.0, 12.0, 10.0, 20.0) == 48.0 and window_share(48, 25.0, 25.0, 10.0, 20.0) == 0.0
+    assert window_share(0, 10.0, 20.0, 0.0, 100.0) == 0.0 and window_share(48, 10.0, 20.0, 5.0, 5.0) == 0.0
 
 
 def test_only_ids_are_read_from_bench_run_argv_only() -> None:
@@ -236,7 +249,10 @@ def test_p11_entry_ratios_failover_and_budget_method() -> None:
     from bench.mesh import build_p11_entry
 
     def load(done: int, **statuses: int) -> dict[str, Any]:
-        return {"completed": done, "errors": 0, "elapsed_s": 30.0, "statuses": {"200": done, **statuses}, "scheduler": {"x": 1}}
+        return {
+            "completed": done, "errors": 0, "elapsed_s": 30.0, "window_tokens": 48.0 * done,
+            "statuses": {"200": done, **statuses}, "scheduler": {"x": 1},
+        }  # fmt: skip
 
     phases = {
         "single": load(30),
@@ -255,6 +271,75 @@ def test_p11_entry_ratios_failover_and_budget_method() -> None:
     assert lossless["failover_lost"] == 0 and isinstance(lossless["stream_ratio"], float)
     met, _ = evaluate(lossless, TARGETS["P11"].checks)
     assert met is True
+
+
+def test_windows_alternate_abba_and_pool_per_side() -> None:
+    from bench.mesh import build_p11_entry, pool_windows, window_order
+
+    assert window_order(2) == ["single", "mesh", "mesh", "single"]
+    assert window_order(3) == ["single", "mesh", "mesh", "single", "single", "mesh"]
+
+    def window(done: int, served: str, **statuses: int) -> dict[str, Any]:
+        return {
+            "completed": done, "errors": sum(statuses.values()), "tokens": 48 * done, "window_tokens": 48.0 * done, "elapsed_s": 30.0,
+            "statuses": {"200": done, **statuses}, "served_by_header": {served: done},
+            "scheduler": {"forwarded_by_entry": done, "entry_forwarded_to": {"b": 2}, "forwarded_twice": 0},
+        }  # fmt: skip
+
+    # a host that slows down over the run: the lone node's first window is fast, its last slow
+    lone = pool_windows([window(16, "a"), window(8, "a", **{"429": 1})])
+    mesh = pool_windows([window(40, "a"), window(32, "b")])
+    assert lone["completed"] == 24 and lone["elapsed_s"] == 60.0 and lone["tokens"] == lone["window_tokens"] == 24 * 48
+    assert lone["statuses"] == {"200": 24, "429": 1} and lone["errors"] == 1
+    assert mesh["served_by_header"] == {"a": 40, "b": 32} and mesh["per_window_completed"] == [40, 32]
+    assert mesh["scheduler"] == {"forwarded_by_entry": 72, "entry_forwarded_to": {"b": 4}, "forwarded_twice": 0}
+    e = build_p11_entry(
+        {"single": lone, "mesh": mesh, "single_stream": lone, "mesh_stream": mesh, "failover": window(30, "a")},
+        budget_method="cpu.max", cgroup_version=2, daemon_warnings={},
+    )  # fmt: skip
+    assert e["ratio"] == pytest.approx(3.0) and e["stream_ratio"] == pytest.approx(3.0)
+    assert "single-mesh-mesh-single" in e["details"]["method"]
+    assert pool_windows([])["completed"] == 0
+
+
+def test_load_prompts_never_repeat_across_windows_and_keep_one_length() -> None:
+    from bench.llm import count_prompt
+    from bench.mesh import load_prompt_start
+
+    starts = {load_prompt_start(seed, k, i) for seed in range(12) for k in range(21) for i in range(40)}
+    assert len(starts) == 12 * 21 * 40  # no window, client or request repeats another's prompt
+    assert {len(str(n)) for n in starts} == {8}
+    assert len({len(count_prompt(n)) for n in starts}) == 1
+    with pytest.raises(ValueError):
+        load_prompt_start(90, 0, 0)
+
+
+def test_engine_counters_from_metrics_and_the_work_between_snapshots() -> None:
+    from bench.mesh import engine_work, parse_engine_counters
+
+    page = "\n".join(
+        [
+            "# HELP llamacpp:n_decode_total decode calls",
+            'llamacpp:n_decode_total{model="a"} 100',
+            'llamacpp:n_decode_total{model="b"} 20',
+            "llamacpp:n_busy_slots_per_decode 2.0",
+            "llamacpp:tokens_predicted_total 480",
+            "llamacpp:prompt_tokens_total 300",
+            "llamacpp:kv_cache_tokens 12",
+            "llamacpp:tokens_predicted_total not-a-number",
+        ]
+    )
+    before = parse_engine_counters(page)
+    assert before == {
+        "n_decode_total": 120.0,
+        "n_busy_slots_per_decode": 2.0,
+        "tokens_predicted_total": 480.0,
+        "prompt_tokens_total": 300.0,
+    }
+    after = {"n_decode_total": 220.0, "n_busy_slots_per_decode": 2.5, "tokens_predicted_total": 880.0, "prompt_tokens_total": 340.0}
+    # busy slot-steps 240 -> 550 over 100 steps
+    assert engine_work(before, after) == {"decode_steps": 100, "busy_slots_per_step": 3.1, "tokens_predicted": 400, "prompt_tokens": 40}
+    assert engine_work(before, before)["busy_slots_per_step"] is None
 
 
 def test_latency_summary_and_a_client_timeout_above_the_saturated_queue_wait() -> None:
