@@ -66,7 +66,8 @@ def _decode(d: Proc, model: str, rep: int) -> float:
 def _variant_of(d: Proc) -> str:
     for line in d.log_tail(200_000).splitlines():
         if "llama_library" in line:
-            return line.strip()[-300:]
+            # the library's path relative to the checkout: results are committed, this machine's paths are not
+            return line.strip().replace(str(REPO) + "/", "")[-300:]
     return "?"
 
 
