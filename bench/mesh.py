@@ -866,24 +866,14 @@ LOST_STATUSES_OK: Final = frozenset({"200", "429", "503"})  # 429/503 = refused 
 def throughput_summary(single: Mapping[str, Any], mesh: Mapping[str, Any]) -> dict[str, Any]:
     """Tokens decoded per second inside the counted windows, completed requests/s, and their ratios (pure)."""
 
-    def rps(r: Mapping[str, Any]) -> float | None:
+    def per_s(r: Mapping[str, Any], key: str) -> float | None:
         el = float(r.get("elapsed_s") or 0.0)
-        done = int(r.get("completed") or 0)
-        return done / el if el > 0 and done > 0 else None
+        n = float(r.get(key) or 0.0)
+        return n / el if el > 0 and n > 0 else None
 
-    def tps(r: Mapping[str, Any]) -> float | None:
-        el = float(r.get("elapsed_s") or 0.0)
-        tokens = int(r.get("tokens") or 0)
-        return tokens / el if el > 0 and tokens > 0 else None
-
-    def window_tps(r: Mapping[str, Any]) -> float | None:
-        el = float(r.get("elapsed_s") or 0.0)
-        tokens = float(r.get("window_tokens") or 0.0)
-        return tokens / el if el > 0 and tokens > 0 else None
-
-    one, three = rps(single), rps(mesh)
-    one_t, three_t = tps(single), tps(mesh)
-    one_w, three_w = window_tps(single), window_tps(mesh)
+    one, three = per_s(single, "completed"), per_s(mesh, "completed")
+    one_t, three_t = per_s(single, "tokens"), per_s(mesh, "tokens")
+    one_w, three_w = per_s(single, "window_tokens"), per_s(mesh, "window_tokens")
     return {
         "single_window_tokens_per_s": one_w,
         "mesh_window_tokens_per_s": three_w,
