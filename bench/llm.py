@@ -683,7 +683,7 @@ def _defaults(results: dict[str, Any], pids: tuple[str, ...], settings: BenchSet
         daemon.stop()
 
 
-ENGINE_FIELDS: Final = ("n_ctx", "n_ctx_per_slot", "kv_unified", "slots", "threads", "threads_batch", "prefetch_bytes")
+ENGINE_FIELDS: Final = ("n_ctx", "n_ctx_per_slot", "kv_unified", "slots", "threads", "threads_batch", "prefetch_bytes", "f16c_scales")
 
 
 def _p1_defaults(entry: dict[str, Any], settings: BenchSettings, dside: Side, sside: Side, common: dict[str, Any]) -> None:

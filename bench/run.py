@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import embed, llm, startup
 from bench.common import REPO, TARGET_IDS, describe_machine, dump_json, finalize, format_table, resolve_settings, skipped_entry
-from mongarsd.inference.settings import PREFETCH_ENV
+from mongarsd.inference.settings import F16C_SCALES_ENV, PREFETCH_ENV
 
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
 TEAM_MODULES = {"recall": ("P7",), "mesh": ("P10", "P11"), "dist": ("P15", "P16"), "mind": ("P17",), "sommeil": ("P14",)}
@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     # `timeout`/CI stop us with SIGTERM: unwind (finally blocks stop the daemons and servers we started).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     only = parse_only(args.only)
-    # llama.cpp's own tools run as released: mongarsd's decode prefetch (native/patches, 0002) is
-    # built into them but only the daemon turns it on (inference.prefetch_bytes)
+    # llama.cpp's own tools run as released: mongarsd's decode prefetch (native/patches, 0002) and
+    # F16C block scales (0003) are built into them but only the daemon turns them on
     os.environ.pop(PREFETCH_ENV, None)
+    os.environ.pop(F16C_SCALES_ENV, None)
 
     t_start = time.monotonic()
 

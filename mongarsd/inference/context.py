@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from mongarsd.inference.gguf import GGUFInfo, read_gguf
 from mongarsd.inference.hugepages import WeightsAdvisor, anon_huge_bytes
 from mongarsd.inference.kv_cache import kv_cache_types, kv_layout
 from mongarsd.inference.sampling import GenerationParams
-from mongarsd.inference.settings import PREFETCH_ENV, EngineSettings
+from mongarsd.inference.settings import F16C_SCALES_ENV, PREFETCH_ENV, EngineSettings
 from mongarsd.inference.tools import TRIGGER_PATTERN
 
 log = structlog.get_logger("mongarsd.inference.llm")
@@ -115,16 +116,24 @@ def apply_prefetch(nbytes: int) -> int:
     """Give llama.cpp the decode prefetch distance; return the one in effect in this process.
 
     ggml reads it once, at the first matrix product of the process: the first model loaded sets
-    it, and a later one asking for another distance gets the first one's (logged).
+    it, and a later one asking for another distance gets the first one's (logged). The F16C
+    block-scale loops (x86) are turned on at the same time unless the environment says otherwise.
     """
     global _prefetch_in_effect
     with _prefetch_lock:
         if _prefetch_in_effect is None:
             os.environ[PREFETCH_ENV] = str(nbytes)
+            os.environ.setdefault(F16C_SCALES_ENV, "1")  # read at the same first product
             _prefetch_in_effect = nbytes
         elif _prefetch_in_effect != nbytes:
             log.warning("prefetch_bytes_unchanged", requested=nbytes, in_effect=_prefetch_in_effect)
         return _prefetch_in_effect
+
+
+def f16c_scales_requested() -> bool:
+    """Whether this process asks ggml for the F16C block-scale loops (its test: atoi(value) > 0)."""
+    digits = re.match(r"\s*[+-]?\d+", os.environ.get(F16C_SCALES_ENV, ""))
+    return digits is not None and int(digits.group()) > 0
 
 
 class LlamaContext:
@@ -172,6 +181,7 @@ class LlamaContext:
         self.weights = ""  # "mmap" (the page cache's pages) or "memory" (read into the daemon's own)
         self.weights_huge_mb = 0.0  # of them on transparent huge pages (see hugepages.py)
         self.prefetch_bytes = 0  # llama.cpp's prefetch distance in effect in this process
+        self.f16c_scales = False  # whether this process asked for the F16C block-scale loops
 
     @property
     def loaded(self) -> bool:
@@ -196,6 +206,7 @@ class LlamaContext:
         self.lib = lib
         _install_llama_log(lib)
         self.prefetch_bytes = apply_prefetch(self.settings.prefetch_bytes)
+        self.f16c_scales = f16c_scales_requested()
         lib.llama_backend_init()
 
         s = self.settings

@@ -103,6 +103,7 @@ class LlamaEngine:
             weights=self._llama.weights,
             weights_huge_pages_mb=self._llama.weights_huge_mb,
             prefetch_bytes=self._llama.prefetch_bytes,
+            f16c_scales=self._llama.f16c_scales,
         )
 
     async def async_stop(self) -> None:

@@ -11,6 +11,10 @@ from mongarsd.inference.kv_cache import KV_CACHE_TYPES
 # ignores values outside 0..1 MiB (native/patches/*/0002-*.patch)
 PREFETCH_ENV = "GGML_MUL_MAT_PREFETCH"
 MAX_PREFETCH_BYTES = 1 << 20
+# ... and on x86 GGML_CPU_F16C_SCALES: the Q4_1 and Q8_0 dot products convert their fp16 block
+# scales with F16C instead of ggml's lookup table, same results bit for bit (0003-*.patch).
+# The daemon turns it on unless the environment already sets it (0: llama.cpp's released loops).
+F16C_SCALES_ENV = "GGML_CPU_F16C_SCALES"
 
 
 @dataclass(frozen=True, slots=True)
