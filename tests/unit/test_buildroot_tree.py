@@ -266,3 +266,18 @@ def test_shell_script(script: str) -> None:
         pytest.skip(f"no {shell} here")
     result = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_llama_package_applies_every_patch_the_other_builds_apply() -> None:
+    """buildroot's llama-cpp-python links to native/patches/: the same patches as the wheel and tools."""
+    pkg = PKG_DIR / "python-llama-cpp"
+    version = re.search(r"^PYTHON_LLAMA_CPP_VERSION\s*=\s*(\S+)", (pkg / "python-llama-cpp.mk").read_text(), re.M)
+    assert version, "python-llama-cpp.mk names no version"
+    native = REPO / "native" / "patches" / f"llama-cpp-python-{version.group(1)}"
+    wanted = sorted(p.name for p in native.glob("*.patch"))
+    assert wanted, f"no patches in {native}"
+    linked = sorted(p.name for p in pkg.glob("*.patch"))
+    assert linked == wanted
+    for name in linked:
+        link = pkg / name
+        assert link.is_symlink() and link.resolve() == (native / name).resolve(), f"{name} is not a link to native/patches"
