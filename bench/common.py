@@ -274,8 +274,13 @@ def paired_ratio(ours: Sequence[float | None], theirs: Sequence[float | None]) -
     Each rep measures the two sides back to back, so a drift of the machine's speed over a run
     (up to 30 % on the 2-core VM) cancels within a pair instead of landing in one side's median.
     """
-    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b is not None and b > 0]
+    ratios = per_rep_ratios(ours, theirs)
     return statistics.median(ratios) if ratios else None
+
+
+def per_rep_ratios(ours: Sequence[float | None], theirs: Sequence[float | None]) -> list[float]:
+    """ours[i] / theirs[i] for the reps where both sides have a number (paired_ratio's samples)."""
+    return [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b is not None and b > 0]
 
 
 def present(xs: Iterable[float | None]) -> list[float]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench.common import BenchSettings, Skip, make_entry, median, paired_ratio, round_ratio, skipped_entry, spread
+from bench.common import BenchSettings, Skip, make_entry, median, paired_ratio, per_rep_ratios, round_ratio, skipped_entry, spread
 
 BATCH: Final = 32
 BATCHES_PER_REP: Final = 4
@@ -203,27 +203,26 @@ def run(results: dict[str, Any], *, settings: BenchSettings, log: Callable[[str]
     except Skip as err:
         results["P6"] = skipped_entry("P6", str(err))
         return
-    e8, b8 = median(rates["int8"]["embedder"]), median(rates["int8"]["bare"])
-    e32 = median(rates["fp32"]["embedder"])
     # Ratios are medians of per-rep ratios, as P1/P2/P4/P15 take them: a rep's int8 and fp32
     # passes (and its two sides) run back to back, so a slow stretch of the machine hits both.
     i8e, i8b, f32e, f32b = rates["int8"]["embedder"], rates["int8"]["bare"], rates["fp32"]["embedder"], rates["fp32"]["bare"]
+    e8, b8, e32 = median(i8e), median(i8b), median(f32e)
     details = {
         "method": (
             f"{REPS} reps of {BATCH * BATCHES_PER_REP} new texts, the same for both sides, which alternate going first; "
             f"one call per batch of {BATCH}; embeddings/s medians; ratio and int8_speedup are medians of per-rep ratios"
         ),
-        "int8_ratio_per_rep": spread(a / b for a, b in zip(i8e, i8b, strict=True) if b),
-        "int8_speedup_per_rep": spread(a / b for a, b in zip(i8e, f32e, strict=True) if b),
+        "int8_ratio_per_rep": spread(per_rep_ratios(i8e, i8b)),
+        "int8_speedup_per_rep": spread(per_rep_ratios(i8e, f32e)),
         "cpu_int8_flags": cpu_int8_flags(),
         "gemm_int8_speedup": gemm_int8_speedup(threads),
         "threads": threads,
         # the Embedder's only graph-level difference from a bare session (ONNX Runtime's defaults)
         "embedder_disabled_optimizers": list(DISABLED_OPTIMIZERS),
-        "int8_embedder": spread(rates["int8"]["embedder"]),
-        "int8_bare": spread(rates["int8"]["bare"]),
-        "fp32_embedder": spread(rates["fp32"]["embedder"]),
-        "fp32_bare": spread(rates["fp32"]["bare"]),
+        "int8_embedder": spread(i8e),
+        "int8_bare": spread(i8b),
+        "fp32_embedder": spread(f32e),
+        "fp32_bare": spread(f32b),
         "fp32_ratio": round_ratio(paired_ratio(f32e, f32b)),
         "bare_int8_speedup": round_ratio(paired_ratio(i8b, f32b)),
     }
